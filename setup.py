@@ -119,7 +119,7 @@ def _extensions():
         cpu_flags = []
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is inlined into our code: it needs OpenMP to use threads.
-    cxx_flags += ["-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx_flags += ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     cxx_flags += cpu_flags
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -135,7 +135,7 @@ def _extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         include_dirs += _torch_bundled_cuda_includes(torch)
         nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3"]
-        nvcc_flags += ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v", "-Xcompiler=-fvisibility=hidden"]
+        nvcc_flags += ["--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v", "-Xcompiler=-fvisibility=hidden"]
         define_macros.append(("MSDA_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
             "msda._C",

@@ -8,7 +8,8 @@
 // runs the static registrations below.
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "msda's compiled kernels", -1, nullptr};
+  static struct PyModuleDef module = {
+      PyModuleDef_HEAD_INIT, "_C", "msda's compiled kernels", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 }

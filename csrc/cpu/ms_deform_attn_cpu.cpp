@@ -1,0 +1,330 @@
+// CPU kernels of msda::ms_deform_attn_forward / _backward.
+//
+// Forward: one task per (n, q) row; each head accumulates its D channels in
+// float32 (float64 for double) vectors, the four bilinear corners fused into
+// one pass over the channels.
+//
+// Backward, deterministic without atomics: the work is cut into tasks
+// (n, m, channel block), fixed by the shapes alone. A task owns the slice
+// grad_value[n, :, m, block] outright and walks all queries in order, so every
+// sum is taken in the same order whatever the thread count. Location and
+// weight gradients need a sum over all channels: each block writes its partial
+// sums, combined afterwards in block order. Splitting channels into blocks is
+// what keeps both cores busy when N*M is small (N 1, M 1, D 256).
+
+// Use torch's AVX2 vector types when the compiler targets AVX2 (setup.py
+// passes -march=native by default). The distinct CPU_CAPABILITY namespace keeps
+// these inline functions apart from libtorch's own copies.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/bilinear.h"
+#include "cpu/vec_ops.h"
+
+namespace msda::cpu {
+namespace {
+
+// Everything a kernel needs to know about the problem, with the level
+// table copied out of the tensors once.
+struct Layout {
+  Problem p;
+  std::vector<int64_t> H, W, start;
+};
+
+Layout make_layout(const Problem& p, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index) {
+  Layout layout{p, {}, {}, {}};
+  const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
+  const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
+  for (int64_t l = 0; l < p.L; ++l) {
+    layout.H.push_back(shapes.data_ptr<int64_t>()[2 * l]);
+    layout.W.push_back(shapes.data_ptr<int64_t>()[2 * l + 1]);
+    layout.start.push_back(starts.data_ptr<int64_t>()[l]);
+  }
+  return layout;
+}
+
+// acc[0:n) += sum_k w[k] * v[k][0:n), the four corners in one pass.
+template <typename scalar_t, typename acc_t>
+inline void accumulate_corners(acc_t* acc, const scalar_t* const v[4], const acc_t w[4], int64_t n) {
+  using Load = VecLoad<scalar_t>;
+  using Vec = typename Load::Vec;
+  const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    Vec s = Vec::loadu(acc + c);
+    s = at::vec::fmadd(w0, Load::load(v[0] + c), s);
+    s = at::vec::fmadd(w1, Load::load(v[1] + c), s);
+    s = at::vec::fmadd(w2, Load::load(v[2] + c), s);
+    s = at::vec::fmadd(w3, Load::load(v[3] + c), s);
+    s.store(acc + c);
+  }
+  for (; c < n; ++c) {
+    acc[c] += w[0] * static_cast<acc_t>(v[0][c]) + w[1] * static_cast<acc_t>(v[1][c]) +
+              w[2] * static_cast<acc_t>(v[2][c]) + w[3] * static_cast<acc_t>(v[3][c]);
+  }
+}
+
+// For the four corners k at once over channels [0, n):
+//   dot[k] = sum_c go[c] * v[k][c]        (the sample's gradient pieces)
+//   g[k][c] += scale[k] * go[c]           (grad_value scatter)
+template <typename scalar_t, typename acc_t>
+inline void backward_corners(const acc_t* go, const scalar_t* const v[4], acc_t* const g[4], const acc_t scale[4],
+                             int64_t n, acc_t dot[4]) {
+  using Load = VecLoad<scalar_t>;
+  using Vec = typename Load::Vec;
+  const Vec s0(scale[0]), s1(scale[1]), s2(scale[2]), s3(scale[3]);
+  Vec d0(0), d1(0), d2(0), d3(0);
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec gov = Vec::loadu(go + c);
+    d0 = at::vec::fmadd(gov, Load::load(v[0] + c), d0);
+    d1 = at::vec::fmadd(gov, Load::load(v[1] + c), d1);
+    d2 = at::vec::fmadd(gov, Load::load(v[2] + c), d2);
+    d3 = at::vec::fmadd(gov, Load::load(v[3] + c), d3);
+    at::vec::fmadd(s0, gov, Vec::loadu(g[0] + c)).store(g[0] + c);
+    at::vec::fmadd(s1, gov, Vec::loadu(g[1] + c)).store(g[1] + c);
+    at::vec::fmadd(s2, gov, Vec::loadu(g[2] + c)).store(g[2] + c);
+    at::vec::fmadd(s3, gov, Vec::loadu(g[3] + c)).store(g[3] + c);
+  }
+  dot[0] = lane_sum<Vec, acc_t>(d0);
+  dot[1] = lane_sum<Vec, acc_t>(d1);
+  dot[2] = lane_sum<Vec, acc_t>(d2);
+  dot[3] = lane_sum<Vec, acc_t>(d3);
+  for (; c < n; ++c) {
+    const acc_t goc = go[c];
+    for (int k = 0; k < 4; ++k) {
+      dot[k] += goc * static_cast<acc_t>(v[k][c]);
+      g[k][c] += scale[k] * goc;
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                    const acc_type<scalar_t>* attn, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const Problem& p = layout.p;
+  const int64_t row_stride = p.M * p.D;  // elements between consecutive rows of value
+  const int64_t points_per_row = p.M * p.L * p.P;
+  // About 8k corner-channel products per grain keeps scheduling overhead small.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points_per_row * 4 * p.D));
+  at::parallel_for(0, p.N * p.Lq, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(p.D);
+    const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
+    BilinearSample<acc_t> s;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / p.Lq;
+      for (int64_t m = 0; m < p.M; ++m) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const scalar_t* head = value + n * p.S * row_stride + m * p.D;
+        const int64_t point0 = (row * p.M + m) * p.L * p.P;
+        for (int64_t l = 0; l < p.L; ++l) {
+          for (int64_t pt = 0; pt < p.P; ++pt) {
+            const int64_t idx = point0 + l * p.P + pt;
+            if (!locate<acc_t>(loc[2 * idx], loc[2 * idx + 1], layout.H[l], layout.W[l], layout.start[l], s)) continue;
+            const acc_t a = attn[idx];
+            const scalar_t* v[4];
+            acc_t w[4];
+            for (int k = 0; k < 4; ++k) {
+              v[k] = s.row[k] >= 0 ? head + s.row[k] * row_stride : zeros.data();
+              w[k] = a * s.weight[k];
+            }
+            accumulate_corners<scalar_t, acc_t>(acc.data(), v, w, p.D);
+          }
+        }
+        scalar_t* o = out + (row * p.M + m) * p.D;
+        for (int64_t c = 0; c < p.D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// How many channel blocks the backward uses: a function of the shapes only
+// (never of the thread count), so results are bitwise reproducible. Aim for
+// at least kTargetTasks tasks, but keep blocks at least kMinBlock channels wide
+// so that the location arithmetic is shared by enough channels.
+struct ChannelBlocks {
+  int64_t count, width;
+};
+ChannelBlocks channel_blocks(const Problem& p) {
+  constexpr int64_t kTargetTasks = 32, kMinBlock = 32, kAlign = 16;
+  const int64_t heads = std::max<int64_t>(1, p.N * p.M);
+  const int64_t wanted = (kTargetTasks + heads - 1) / heads;
+  const int64_t most = std::max<int64_t>(1, p.D / kMinBlock);
+  const int64_t count = std::max<int64_t>(1, std::min(wanted, most));
+  int64_t width = (p.D + count - 1) / count;
+  width = std::min(p.D, (width + kAlign - 1) / kAlign * kAlign);
+  width = std::max<int64_t>(width, 1);
+  return {(p.D + width - 1) / width, width};
+}
+
+template <typename scalar_t>
+void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                     const acc_type<scalar_t>* attn, const acc_type<scalar_t>* grad_out,
+                     acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn) {
+  using acc_t = acc_type<scalar_t>;
+  const Problem& p = layout.p;
+  const int64_t row_stride = p.M * p.D;
+  const int64_t points = p.N * p.Lq * p.M * p.L * p.P;
+  const ChannelBlocks blocks = channel_blocks(p);
+  // With one block the sums go straight to the outputs; otherwise each block
+  // writes (attn, x, y) partial sums, combined below in block order.
+  std::vector<acc_t> partial(blocks.count > 1 ? blocks.count * points * 3 : 0);
+
+  at::parallel_for(0, p.N * p.M * blocks.count, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(blocks.width, scalar_t(0));
+    std::vector<acc_t> sink(blocks.width);  // grad_value writes of corners outside the map land here
+    BilinearSample<acc_t> s;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % blocks.count;
+      const int64_t m = (task / blocks.count) % p.M;
+      const int64_t n = task / (blocks.count * p.M);
+      const int64_t c0 = block * blocks.width;
+      const int64_t width = std::min(blocks.width, p.D - c0);
+      const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
+      const scalar_t* head = value + head_offset;
+      acc_t* grad_head = grad_value + head_offset;
+      for (int64_t q = 0; q < p.Lq; ++q) {
+        const acc_t* go = grad_out + ((n * p.Lq + q) * p.M + m) * p.D + c0;
+        const int64_t point0 = ((n * p.Lq + q) * p.M + m) * p.L * p.P;
+        for (int64_t l = 0; l < p.L; ++l) {
+          for (int64_t pt = 0; pt < p.P; ++pt) {
+            const int64_t idx = point0 + l * p.P + pt;
+            acc_t g_attn = 0, g_x = 0, g_y = 0;
+            if (locate<acc_t>(loc[2 * idx], loc[2 * idx + 1], layout.H[l], layout.W[l], layout.start[l], s)) {
+              const acc_t a = attn[idx];
+              const scalar_t* v[4];
+              acc_t* g[4];
+              acc_t scale[4], dot[4];
+              for (int k = 0; k < 4; ++k) {
+                const bool inside = s.row[k] >= 0;
+                v[k] = inside ? head + s.row[k] * row_stride : zeros.data();
+                g[k] = inside ? grad_head + s.row[k] * row_stride : sink.data();
+                scale[k] = a * s.weight[k];
+              }
+              backward_corners<scalar_t, acc_t>(go, v, g, scale, width, dot);
+              // sample = sum_k weight[k] * v[k]; the weights are bilinear in (fx, fy).
+              g_attn = s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] + s.weight[3] * dot[3];
+              const acc_t gx = (acc_t(1) - s.fy) * (dot[1] - dot[0]) + s.fy * (dot[3] - dot[2]);
+              const acc_t gy = (acc_t(1) - s.fx) * (dot[2] - dot[0]) + s.fx * (dot[3] - dot[1]);
+              // d x / d loc_x = W and d y / d loc_y = H.
+              g_x = a * gx * static_cast<acc_t>(layout.W[l]);
+              g_y = a * gy * static_cast<acc_t>(layout.H[l]);
+            }
+            if (blocks.count == 1) {
+              grad_attn[idx] = g_attn;
+              grad_loc[2 * idx] = g_x;
+              grad_loc[2 * idx + 1] = g_y;
+            } else {
+              acc_t* part = partial.data() + (block * points + idx) * 3;
+              part[0] = g_attn;
+              part[1] = g_x;
+              part[2] = g_y;
+            }
+          }
+        }
+      }
+    }
+  });
+
+  if (blocks.count > 1) {
+    at::parallel_for(0, points, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        acc_t sums[3] = {0, 0, 0};
+        for (int64_t b = 0; b < blocks.count; ++b) {
+          const acc_t* part = partial.data() + (b * points + idx) * 3;
+          sums[0] += part[0];
+          sums[1] += part[1];
+          sums[2] += part[2];
+        }
+        grad_attn[idx] = sums[0];
+        grad_loc[2 * idx] = sums[1];
+        grad_loc[2 * idx + 1] = sums[2];
+      }
+    });
+  }
+}
+
+// Checks arguments and returns the sizes; value-reading checks run here
+// because these tensors are on the CPU.
+Problem check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                  const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const Problem p = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_level_values(spatial_shapes, level_start_index, p.S);
+  return p;
+}
+
+at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const Problem p = check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Layout layout = make_layout(p, spatial_shapes, level_start_index);
+  const auto acc = accumulate_type(value.scalar_type());
+  const at::Tensor v = value.contiguous();
+  const at::Tensor loc = sampling_locations.to(acc).contiguous();
+  const at::Tensor attn = attention_weights.to(acc).contiguous();
+  at::Tensor out = at::empty({p.N, p.Lq, p.M * p.D}, value.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    forward_kernel<scalar_t>(layout, v.const_data_ptr<scalar_t>(), loc.const_data_ptr<acc_t>(),
+                             attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                                             const at::Tensor& level_start_index,
+                                                             const at::Tensor& sampling_locations,
+                                                             const at::Tensor& attention_weights,
+                                                             const at::Tensor& grad_output) {
+  const Problem p = check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
+                    shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.is_floating_point(), "grad_output must be a floating-point tensor, got ",
+                    grad_output.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
+                    value.device(), "), got ", grad_output.device());
+  const Layout layout = make_layout(p, spatial_shapes, level_start_index);
+  const auto acc = accumulate_type(value.scalar_type());
+  const at::Tensor v = value.contiguous();
+  const at::Tensor loc = sampling_locations.to(acc).contiguous();
+  const at::Tensor attn = attention_weights.to(acc).contiguous();
+  const at::Tensor go = grad_output.to(acc).contiguous();
+  // grad_value accumulates in the accumulation type and is cast at the end
+  // (a no-op for float32 and float64).
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc));
+  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), loc.options());
+  at::Tensor grad_attn = at::empty(attention_weights.sizes(), attn.options());
+  if (p.N * p.Lq * p.M * p.L * p.P > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      backward_kernel<scalar_t>(layout, v.const_data_ptr<scalar_t>(), loc.const_data_ptr<acc_t>(),
+                                attn.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(),
+                                grad_value.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
+                                grad_attn.mutable_data_ptr<acc_t>());
+    });
+  }
+  return {grad_value.to(value.scalar_type()), grad_loc.to(sampling_locations.scalar_type()),
+          grad_attn.to(attention_weights.scalar_type())};
+}
+
+}  // namespace
+}  // namespace msda::cpu
+
+TORCH_LIBRARY_IMPL(msda, CPU, m) {
+  m.impl("ms_deform_attn_forward", &msda::cpu::forward_cpu);
+  m.impl("ms_deform_attn_backward", &msda::cpu::backward_cpu);
+}
