@@ -61,7 +61,7 @@ def coco_box_stats(
         evaluator.accumulate()
         evaluator.summarize()
     if verbose:
-        summary = [line for line in buffer.getvalue().splitlines() if line.startswith(" Average")]
+        summary = [line for line in buffer.getvalue().splitlines() if line.startswith(" Average Precision")]
         print("\n".join(summary))
     return {name: float(value) for name, value in zip(STAT_NAMES, np.asarray(evaluator.stats)[:6])}
 
