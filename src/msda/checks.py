@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_inputs", "VALUE_DTYPES", "INDEX_DTYPES"]
+__all__ = ["check_inputs", "check_level_values", "VALUE_DTYPES", "INDEX_DTYPES"]
 
 VALUE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -89,3 +89,26 @@ def check_inputs(
         # CPU index tensors are accepted with a CUDA value (the op moves them).
         if arg.device != device and arg.device.type != "cpu":
             _fail(f"{name} must be on the device of value ({device}) or on the CPU, got {arg.device}")
+
+
+def check_level_values(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> None:
+    """The value checks of the C++ kernels (csrc/checks.h), for the reference:
+    every H, W >= 1, sum(H*W) == S, level_start_index the exclusive cumsum.
+    Reads tensor values, so it is only called outside compiled graphs."""
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    total = 0
+    for level, ((h, w), start) in enumerate(zip(shapes, starts)):
+        if not (1 <= h <= S and 1 <= w <= S and h * w <= S - total):
+            _fail(
+                f"spatial_shapes must describe value's S = {S} rows (sum of H*W with H, W >= 1), "
+                f"got (H, W) = ({h}, {w}) at level {level} after {total} rows of earlier levels"
+            )
+        if start != total:
+            _fail(
+                f"level_start_index must be the exclusive cumulative sum of H*W: expected {total} "
+                f"at level {level}, got {start}"
+            )
+        total += h * w
+    if total != S:
+        _fail(f"spatial_shapes must describe value's S = {S} rows, but sum of H*W is {total}")

@@ -15,6 +15,7 @@ derivative of its own, so double backward raises a clear error.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
 from .checks import check_inputs
@@ -22,6 +23,10 @@ from .reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn"]
 
+FORWARD_AD_ERROR = (
+    "msda.ms_deform_attn does not support forward-mode AD (jvp / torch.autograd.forward_ad); "
+    "use msda.ms_deform_attn_reference if you need it"
+)
 DOUBLE_BACKWARD_ERROR = (
     "msda.ms_deform_attn does not support double backward (gradients of its gradients); "
     "use msda.ms_deform_attn_reference if you need them"
@@ -55,6 +60,12 @@ def ms_deform_attn(
     CPU ones are copied on every call, which CUDA graphs cannot capture.
     """
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in (value, sampling_locations, attention_weights)
+    ):
+        # The registered autograd formula is backward-only; without this check
+        # the tangents would be dropped silently.
+        raise RuntimeError(FORWARD_AD_ERROR)
     device = value.device
     if device.type not in _extension.KERNEL_DEVICES:
         _extension.warn_fallback(device.type)

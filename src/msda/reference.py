@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_inputs
+from .checks import check_inputs, check_level_values
 
 __all__ = ["ms_deform_attn_reference"]
 
@@ -52,19 +52,9 @@ def ms_deform_attn_reference(
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    check_level_values(spatial_shapes, level_start_index, S)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     starts = [int(s) for s in level_start_index.tolist()]
-    sizes = [h * w for h, w in shapes]
-    if any(h < 1 or w < 1 for h, w in shapes) or sum(sizes) != S:
-        raise ValueError(
-            f"spatial_shapes must describe value's S = {S} rows (sum of H*W with H, W >= 1), "
-            f"got spatial_shapes {shapes} (sum {sum(sizes)})"
-        )
-    expected_starts = [sum(sizes[:l]) for l in range(L)]
-    if starts != expected_starts:
-        raise ValueError(
-            f"level_start_index must be the exclusive cumulative sum of H*W = {expected_starts}, got {starts}"
-        )
 
     compute_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     v = value.to(compute_dtype)
