@@ -108,6 +108,7 @@ class Detector:
         class_names: label index -> name; COCO's 91 by default.
         device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when available).
         autocast: None, "float16" or "bfloat16": run the model under torch.autocast.
+        short_side, max_size: the evaluation resize (800 and 1333 as the original).
     """
 
     def __init__(
@@ -116,7 +117,10 @@ class Detector:
         class_names: Optional[Sequence[str]] = None,
         device: str = "cpu",
         autocast: Optional[str] = None,
+        short_side: int = 800,
+        max_size: int = 1333,
     ) -> None:
+        self.short_side, self.max_size = short_side, max_size
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -173,7 +177,7 @@ class Detector:
         batch_list = [images] if single else list(images)
         if not batch_list:
             return []
-        batch, mask, sizes = preprocess(batch_list, resize=resize)
+        batch, mask, sizes = preprocess(batch_list, self.short_side, self.max_size, resize=resize)
         with self._autocast_context():
             outputs = self.model(batch.to(self.device), mask.to(self.device))
         results = self.postprocess(outputs, sizes.to(self.device))

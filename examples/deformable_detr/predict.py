@@ -39,6 +39,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass, padded with masks (default: %(default)s)")
     p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the model under autocast (for CUDA)")
+    p.add_argument("--short-side", type=int, default=800, help="resize the short side to this (default: %(default)s)")
+    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side after resizing (default: %(default)s)")
     p.add_argument("--class-names", help="text file with one class name per line (label index = line number); default COCO")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> list[str]:
     try:
         detector = Detector.from_checkpoint(
             args.checkpoint, variant=args.variant, device=args.device, autocast=args.autocast,
+            short_side=args.short_side, max_size=args.max_size,
             **({"class_names": class_names} if class_names is not None else {}),
         )
     except CheckpointError as exc:

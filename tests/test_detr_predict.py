@@ -1,0 +1,161 @@
+"""The inference command and the programmatic API, on generated images and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from examples.deformable_detr import predict
+from examples.deformable_detr.api import Detector, build_variant, preprocess, resized_size
+from examples.deformable_detr.checkpoint import CheckpointError, save_checkpoint
+from examples.deformable_detr.coco_names import COCO_NAMES
+from examples.deformable_detr.configs import tiny_config
+from examples.deformable_detr.deformable_detr import build_model
+from examples.deformable_detr.draw import draw_detections
+
+
+SMALL = ["--short-side", "96"]  # the tiny model needs no 800-pixel images
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(tiny_config("box_refine"))
+    # give the heads some input dependence, so detections differ between images
+    with torch.no_grad():
+        for head in model.bbox_embed:
+            head.layers[-1].weight.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, model)
+    return str(path)
+
+
+def make_image(path, size=(96, 72), seed=0):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_command_writes_png_and_json(tmp_path, checkpoint, capsys):
+    image = make_image(tmp_path / "street.jpg")
+    out = tmp_path / "out"
+    code = predict.main([checkpoint, image, "--output-dir", str(out), "--threshold", "0.01", "--device", "cpu", *SMALL])
+    assert code == 0
+    record = json.loads((out / "street.json").read_text())
+    assert record["width"] == 96 and record["height"] == 72 and record["image"] == image
+    dets = record["detections"]
+    assert 0 < len(dets) <= 100
+    assert all(d["score"] >= 0.01 and d["name"] == COCO_NAMES[d["label"]] for d in dets)
+    assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+    drawn = Image.open(out / "street.png")
+    assert drawn.size == (96, 72)
+    original = np.asarray(Image.open(image).convert("RGB"))
+    assert (np.asarray(drawn) != original).any()  # something was drawn
+    assert "street.jpg: " in capsys.readouterr().out
+
+    # the JSON holds what the API predicts
+    [api] = Detector.from_checkpoint(checkpoint, short_side=96).predict(Image.open(image), threshold=0.01)
+    assert len(api["scores"]) == len(dets)
+    np.testing.assert_allclose([d["box_xyxy"] for d in dets], api["boxes"].numpy(), atol=2e-3)
+
+
+def test_folder_and_batches_give_the_same_detections(tmp_path, checkpoint):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        make_image(folder / f"img{i}.png", seed=i)
+    (folder / "notes.txt").write_text("not an image")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert predict.main([checkpoint, str(folder), "--output-dir", str(one), "--threshold", "0.05", *SMALL]) == 0
+    assert predict.main([checkpoint, str(folder), "--output-dir", str(two), "--threshold", "0.05", "--batch-size", "2", *SMALL]) == 0
+    assert sorted(os.listdir(one)) == [f"img{i}.{ext}" for i in range(3) for ext in ("json", "png")]
+    for i in range(3):
+        a = json.loads((one / f"img{i}.json").read_text())["detections"]
+        b = json.loads((two / f"img{i}.json").read_text())["detections"]
+        assert [d["label"] for d in a] == [d["label"] for d in b]
+        np.testing.assert_allclose([d["score"] for d in a], [d["score"] for d in b], atol=1e-5)
+
+
+def test_padding_in_a_batch_of_different_sizes_does_not_change_the_result(checkpoint):
+    detector = Detector.from_checkpoint(checkpoint, short_side=96)
+    rng = np.random.default_rng(3)
+    small = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    large = Image.fromarray(rng.integers(0, 255, (80, 120, 3), dtype=np.uint8))
+    [alone] = detector.predict([small], threshold=0.0)
+    together = detector.predict([small, large], threshold=0.0)
+    assert len(together) == 2
+    # the mask keeps padding out of attention: scores agree closely (the backbone's convolutions
+    # see the zero padding at the border, so not bit for bit)
+    torch.testing.assert_close(together[0]["scores"][:10], alone["scores"][:10], atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d, ck: ["/nonexistent/ck.pth", str(d / "a.png")], "checkpoint file not found: /nonexistent/ck.pth"),
+        (lambda d, ck: [ck, str(d / "missing.png")], "image file or folder not found"),
+        (lambda d, ck: [ck, str(d / "broken.png")], "cannot read image"),
+        (lambda d, ck: [ck, str(d / "a.png"), "--variant", "two_stage"], "is a checkpoint of variant 'box_refine', not 'two_stage'"),
+        (lambda d, ck: [ck, str(d / "empty")], "no image files"),
+    ],
+)
+def test_clear_errors(tmp_path, checkpoint, capsys, make_args, message):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    (tmp_path / "empty").mkdir()
+    code = predict.main(make_args(tmp_path, checkpoint) + ["--output-dir", str(tmp_path / "out"), *SMALL])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_api_accepts_pil_and_tensors(checkpoint):
+    detector = Detector.from_checkpoint(checkpoint, variant="box_refine", short_side=96)
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    pil = Image.fromarray(array)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    [from_pil] = detector.predict(pil, threshold=0.0)
+    [from_tensor] = detector.predict(tensor, threshold=0.0)
+    [from_uint8] = detector.predict(torch.from_numpy(array).permute(2, 0, 1), threshold=0.0)
+    assert from_pil["boxes"].shape == (100, 4) and len(from_pil["names"]) == 100
+    # PIL and torch resize differently in the last bits; the detections agree closely
+    torch.testing.assert_close(from_tensor["scores"][:5], from_pil["scores"][:5], atol=0.02, rtol=0)
+    torch.testing.assert_close(from_uint8["scores"], from_tensor["scores"])
+    assert (from_pil["boxes"][:, 0::2] >= -1).all() and (from_pil["boxes"][:, 0::2] <= 91).all()
+
+
+def test_build_variant_and_load(checkpoint):
+    model = build_variant("box_refine", checkpoint, **{k: v for k, v in vars(tiny_config("box_refine")).items()
+                                                         if k not in ("with_box_refine", "two_stage")})
+    assert model.config.with_box_refine
+    with pytest.raises(CheckpointError, match="variant 'box_refine', the model is 'base'"):
+        build_variant("base", checkpoint, **{k: v for k, v in vars(tiny_config("base")).items()
+                                             if k not in ("with_box_refine", "two_stage")})
+
+
+def test_resize_rule_and_padding():
+    assert resized_size(480, 640) == (800, 1066)
+    assert resized_size(500, 2000) == (333, 1332)  # capped by the long side (rounded as the original)
+    assert resized_size(800, 600) == (1066, 800)
+    assert resized_size(800, 1000) == (800, 1000)  # already there
+    batch, mask, sizes = preprocess([torch.rand(3, 40, 60), torch.rand(3, 60, 40)], resize=False)
+    assert batch.shape == (2, 3, 60, 60) and sizes.tolist() == [[40, 60], [60, 40]]
+    assert mask[0, 40:].all() and not mask[0, :40].any() and mask[1, :, 40:].all()
+    assert (batch[0, :, 40:] == 0).all()
+
+
+def test_draw_detections_draws_inside_the_boxes():
+    image = Image.new("RGB", (100, 80), (255, 255, 255))
+    drawn = draw_detections(image, torch.tensor([[10.0, 30.0, 60.0, 70.0]]), torch.tensor([1]),
+                            torch.tensor([0.93]), COCO_NAMES, line_width=2)
+    pixels = np.asarray(drawn)
+    assert drawn.size == image.size and (pixels[50, 10] != 255).any()  # left edge of the box
+    assert (pixels[50, 35] == 255).all()  # inside stays untouched
+    assert (pixels[5, 90] == 255).all()  # far away too
+    assert image.getpixel((10, 50)) == (255, 255, 255)  # the input is not modified
