@@ -1,0 +1,26 @@
+# Sourced by scripts/test.sh and scripts/demo.sh: creates (or reuses) a virtual
+# environment, installs msda's dependencies and builds msda into it.
+#
+#   MSDA_VENV     where the environment lives (default: .venv in the repository)
+#   MSDA_TORCH    the torch requirement (default: torch==2.13.0, the CPU build)
+#   PYTHON        the interpreter that creates the environment (default: python3)
+#   MAX_JOBS      parallel compile jobs (default: 2)
+set -euo pipefail
+MSDA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$MSDA_ROOT"
+MSDA_VENV="${MSDA_VENV:-$MSDA_ROOT/.venv}"
+if [ ! -x "$MSDA_VENV/bin/python" ]; then
+  echo "== creating virtual environment $MSDA_VENV"
+  "${PYTHON:-python3}" -m venv "$MSDA_VENV"
+fi
+# shellcheck disable=SC1091
+. "$MSDA_VENV/bin/activate"
+echo "== installing dependencies"
+python -m pip install -q --disable-pip-version-check --upgrade pip
+# scipy: Hungarian matching; pycocotools: COCO AP; Pillow: images; matplotlib: plots.
+python -m pip install -q --disable-pip-version-check "${MSDA_TORCH:-torch==2.13.0}" numpy pybind11 ninja \
+  "setuptools>=77" wheel pytest hypothesis scipy pillow pycocotools matplotlib
+echo "== building msda against torch $(python -c 'import torch; print(torch.__version__)')"
+# --no-build-isolation: compile against the torch installed above (see README).
+MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps "$MSDA_ROOT"
+python -m msda info
