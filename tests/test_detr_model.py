@@ -147,5 +147,7 @@ def test_config_validation():
         config_for_variant("base", two_stage=True)
     with pytest.raises(ValueError, match="unknown variant"):
         config_for_variant("huge")
+    with pytest.raises(ValueError, match="num_feature_levels must be 1"):
+        config_for_variant("base", num_feature_levels=2)
     with pytest.raises(ValueError, match="backbone must be"):
         config_for_variant("base", backbone="vgg16")

@@ -47,8 +47,11 @@ class DetrConfig:
                 "two_stage needs with_box_refine=True: the encoder proposals are scored by the extra "
                 "per-layer head that box refinement creates (as in the original)"
             )
-        if not 1 <= self.num_feature_levels:
-            raise ValueError(f"num_feature_levels must be >= 1, got {self.num_feature_levels}")
+        if self.num_feature_levels not in (1,) and self.num_feature_levels < 3:
+            raise ValueError(
+                f"num_feature_levels must be 1 (single scale, layer4) or at least 3 (layer2-4 plus extra "
+                f"strided levels), got {self.num_feature_levels}"
+            )
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads}")
         if self.hidden_dim % self.input_proj_groups:

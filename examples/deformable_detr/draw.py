@@ -61,5 +61,7 @@ def draw_detections(
         # caption above the box when there is room, inside it otherwise
         shift = ty1 - ty0 + 2 if y0 - (ty1 - ty0 + 2) >= 0 else 0
         draw.rectangle([tx0, ty0 - shift, tx1 + 2, ty1 - shift + 2], fill=colour)
-        draw.text((x0 + 1, y0 - shift + 1), caption, fill=(0, 0, 0), font=font)
+        # black text on light colours, white on dark ones (ITU-R 601 luma)
+        luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((x0 + 1, y0 - shift + 1), caption, fill=(0, 0, 0) if luma > 128 else (255, 255, 255), font=font)
     return out
