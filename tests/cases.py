@@ -78,11 +78,18 @@ def make_case(
     attn = torch.rand(N, Lq, M, L, P, generator=gen, dtype=torch.float64)
     attn = attn / attn.sum(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
     grad_output = torch.rand(N, Lq, M * D, generator=gen, dtype=torch.float64) * 2 - 1
+    loc = loc.to(loc_dtype or value_dtype)
+    # Rounding to a 16-bit dtype can put a location exactly on the sampling
+    # window's edge (x = -1 or x = W), where spec §1 lets grid_sample's one-sided
+    # gradient differ from the kernels' zero: move those few into the map.
+    pixel = loc.double() * wh - 0.5
+    on_edge = ((pixel == -1) | (pixel == wh)).any(-1, keepdim=True)
+    loc = torch.where(on_edge, torch.full_like(loc, 0.5), loc)
     return Case(
         value.to(value_dtype),
         spatial_shapes,
         level_start_index,
-        loc.to(loc_dtype or value_dtype),
+        loc,
         attn.to(attn_dtype or value_dtype),
         grad_output.to(value_dtype),
     )

@@ -1,8 +1,8 @@
 // CPU kernels of msda::ms_deform_attn_forward / _backward.
 //
-// Forward: one task per (n, q) row; each head accumulates its D channels in
-// float32 (float64 for double) vectors, the four bilinear corners fused into
-// one pass over the channels.
+// Forward: one item per (n, m, q), in head-major order; the geometry of the
+// L*P points is computed once, then each block of channels accumulates all
+// points and corners in float32 (float64 for double) vector registers.
 //
 // Backward, deterministic without atomics: the work is cut into tasks
 // (n, m, channel block), fixed by the shapes alone. A task owns the slice
@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -55,25 +56,132 @@ Layout make_layout(const Problem& p, const at::Tensor& spatial_shapes, const at:
   return layout;
 }
 
-// acc[0:n) += sum_k w[k] * v[k][0:n), the four corners in one pass.
+// The sampled points of one (query, head): for each, its four corner rows
+// (a zero row for corners outside the map) and their weights times the
+// attention weight. Computed once, then reused for every channel.
 template <typename scalar_t, typename acc_t>
-inline void accumulate_corners(acc_t* acc, const scalar_t* const v[4], const acc_t w[4], int64_t n) {
+struct HeadPoints {
+  std::vector<const scalar_t*> corner;  // 4 per point
+  std::vector<acc_t> weight;            // 4 per point
+  int64_t count = 0;
+
+  explicit HeadPoints(int64_t capacity) : corner(4 * capacity), weight(4 * capacity) {}
+
+  void gather(const Layout& layout, const acc_t* loc, const acc_t* attn, int64_t point0, const scalar_t* head,
+              const scalar_t* zeros) {
+    const Problem& p = layout.p;
+    const int64_t row_stride = p.M * p.D;
+    BilinearSample<acc_t> s;
+    count = 0;
+    for (int64_t l = 0; l < p.L; ++l) {
+      for (int64_t pt = 0; pt < p.P; ++pt) {
+        const int64_t idx = point0 + l * p.P + pt;
+        if (!locate<acc_t>(loc[2 * idx], loc[2 * idx + 1], layout.H[l], layout.W[l], layout.start[l], s)) continue;
+        const acc_t a = attn[idx];
+        for (int k = 0; k < 4; ++k) {
+          corner[4 * count + k] = s.row[k] >= 0 ? head + s.row[k] * row_stride : zeros;
+          weight[4 * count + k] = a * s.weight[k];
+        }
+        ++count;
+      }
+    }
+  }
+};
+
+// out[c] = sum over points and corners of weight * value[c], for channels
+// [c, c + kVecs * Vec::size()), the accumulators held in registers across all
+// points. Corners are summed pairwise before touching the accumulator, which
+// keeps the loop-carried dependency to one add per point.
+template <int kVecs, typename scalar_t, typename acc_t>
+inline void sample_channels(const HeadPoints<scalar_t, acc_t>& pts, int64_t c, acc_t* out) {
   using Load = VecLoad<scalar_t>;
   using Vec = typename Load::Vec;
-  const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec s = Vec::loadu(acc + c);
-    s = at::vec::fmadd(w0, Load::load(v[0] + c), s);
-    s = at::vec::fmadd(w1, Load::load(v[1] + c), s);
-    s = at::vec::fmadd(w2, Load::load(v[2] + c), s);
-    s = at::vec::fmadd(w3, Load::load(v[3] + c), s);
-    s.store(acc + c);
+  Vec acc[kVecs];
+  for (int j = 0; j < kVecs; ++j) acc[j] = Vec(acc_t(0));
+  for (int64_t i = 0; i < pts.count; ++i) {
+    const scalar_t* const* v = &pts.corner[4 * i];
+    const acc_t* w = &pts.weight[4 * i];
+    const Vec w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+    for (int j = 0; j < kVecs; ++j) {
+      const int64_t cj = c + j * Vec::size();
+      const Vec top = at::vec::fmadd(w1, Load::load(v[1] + cj), w0 * Load::load(v[0] + cj));
+      const Vec bottom = at::vec::fmadd(w3, Load::load(v[3] + cj), w2 * Load::load(v[2] + cj));
+      acc[j] = acc[j] + (top + bottom);
+    }
   }
-  for (; c < n; ++c) {
-    acc[c] += w[0] * static_cast<acc_t>(v[0][c]) + w[1] * static_cast<acc_t>(v[1][c]) +
-              w[2] * static_cast<acc_t>(v[2][c]) + w[3] * static_cast<acc_t>(v[3][c]);
+  for (int j = 0; j < kVecs; ++j) acc[j].store(out + j * Vec::size());
+}
+
+template <typename scalar_t, typename acc_t>
+inline void sample_tail(const HeadPoints<scalar_t, acc_t>& pts, int64_t c0, int64_t c1, acc_t* out) {
+  for (int64_t c = c0; c < c1; ++c) out[c - c0] = acc_t(0);
+  for (int64_t i = 0; i < pts.count; ++i) {
+    const scalar_t* const* v = &pts.corner[4 * i];
+    const acc_t* w = &pts.weight[4 * i];
+    for (int64_t c = c0; c < c1; ++c) {
+      out[c - c0] += (w[0] * static_cast<acc_t>(v[0][c]) + w[1] * static_cast<acc_t>(v[1][c])) +
+                     (w[2] * static_cast<acc_t>(v[2][c]) + w[3] * static_cast<acc_t>(v[3][c]));
+    }
   }
+}
+
+template <typename scalar_t>
+void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                    const acc_type<scalar_t>* attn, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename VecLoad<scalar_t>::Vec;
+  constexpr int kVecs = 4;  // channels per register block: 32 floats or 16 doubles
+  constexpr int64_t kBlock = kVecs * Vec::size();
+  const Problem& p = layout.p;
+  const int64_t row_stride = p.M * p.D;
+  // About 8k corner-channel products per grain keeps scheduling overhead small.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, p.L * p.P * 4 * p.D));
+  // Head-major order (n, m, q): consecutive items read the same head's slice
+  // of value, a working set 1/M the size of all heads', which stays in cache
+  // as the queries sweep over the maps.
+  at::parallel_for(0, p.N * p.M * p.Lq, grain, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
+    HeadPoints<scalar_t, acc_t> pts(p.L * p.P);
+    alignas(64) acc_t buffer[kBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t q = item % p.Lq;
+      const int64_t m = (item / p.Lq) % p.M;
+      const int64_t n = item / (p.Lq * p.M);
+      const int64_t row = n * p.Lq + q;
+      const scalar_t* head = value + n * p.S * row_stride + m * p.D;
+      pts.gather(layout, loc, attn, (row * p.M + m) * p.L * p.P, head, zeros.data());
+      scalar_t* o = out + (row * p.M + m) * p.D;
+      int64_t c = 0;
+      for (; c + kBlock <= p.D; c += kBlock) {
+        sample_channels<kVecs>(pts, c, buffer);
+        for (int64_t j = 0; j < kBlock; ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+      }
+      for (; c + Vec::size() <= p.D; c += Vec::size()) {
+        sample_channels<1>(pts, c, buffer);
+        for (int64_t j = 0; j < Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+      }
+      if (c < p.D) {
+        sample_tail(pts, c, p.D, buffer);
+        for (int64_t j = c; j < p.D; ++j) o[j] = static_cast<scalar_t>(buffer[j - c]);
+      }
+    }
+  });
+}
+
+// The four lane sums of d[0..3], each in a fixed order (bitwise reproducible).
+template <typename Vec, typename acc_t>
+inline void lane_sums4(const Vec d[4], acc_t out[4]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 h01 = _mm256_hadd_ps(d[0], d[1]);  // pairs of d0 and d1 lanes
+    const __m256 h23 = _mm256_hadd_ps(d[2], d[3]);
+    const __m256 h = _mm256_hadd_ps(h01, h23);  // [d0 d1 d2 d3] of each 128-bit half
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out, sums);
+    return;
+  }
+#endif
+  for (int k = 0; k < 4; ++k) out[k] = lane_sum<Vec, acc_t>(d[k]);
 }
 
 // For the four corners k at once over channels [0, n):
@@ -85,23 +193,20 @@ inline void backward_corners(const acc_t* go, const scalar_t* const v[4], acc_t*
   using Load = VecLoad<scalar_t>;
   using Vec = typename Load::Vec;
   const Vec s0(scale[0]), s1(scale[1]), s2(scale[2]), s3(scale[3]);
-  Vec d0(0), d1(0), d2(0), d3(0);
+  Vec d[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
     const Vec gov = Vec::loadu(go + c);
-    d0 = at::vec::fmadd(gov, Load::load(v[0] + c), d0);
-    d1 = at::vec::fmadd(gov, Load::load(v[1] + c), d1);
-    d2 = at::vec::fmadd(gov, Load::load(v[2] + c), d2);
-    d3 = at::vec::fmadd(gov, Load::load(v[3] + c), d3);
+    d[0] = at::vec::fmadd(gov, Load::load(v[0] + c), d[0]);
+    d[1] = at::vec::fmadd(gov, Load::load(v[1] + c), d[1]);
+    d[2] = at::vec::fmadd(gov, Load::load(v[2] + c), d[2]);
+    d[3] = at::vec::fmadd(gov, Load::load(v[3] + c), d[3]);
     at::vec::fmadd(s0, gov, Vec::loadu(g[0] + c)).store(g[0] + c);
     at::vec::fmadd(s1, gov, Vec::loadu(g[1] + c)).store(g[1] + c);
     at::vec::fmadd(s2, gov, Vec::loadu(g[2] + c)).store(g[2] + c);
     at::vec::fmadd(s3, gov, Vec::loadu(g[3] + c)).store(g[3] + c);
   }
-  dot[0] = lane_sum<Vec, acc_t>(d0);
-  dot[1] = lane_sum<Vec, acc_t>(d1);
-  dot[2] = lane_sum<Vec, acc_t>(d2);
-  dot[3] = lane_sum<Vec, acc_t>(d3);
+  lane_sums4<Vec, acc_t>(d, dot);
   for (; c < n; ++c) {
     const acc_t goc = go[c];
     for (int k = 0; k < 4; ++k) {
@@ -109,46 +214,6 @@ inline void backward_corners(const acc_t* go, const scalar_t* const v[4], acc_t*
       g[k][c] += scale[k] * goc;
     }
   }
-}
-
-template <typename scalar_t>
-void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
-                    const acc_type<scalar_t>* attn, scalar_t* out) {
-  using acc_t = acc_type<scalar_t>;
-  const Problem& p = layout.p;
-  const int64_t row_stride = p.M * p.D;  // elements between consecutive rows of value
-  const int64_t points_per_row = p.M * p.L * p.P;
-  // About 8k corner-channel products per grain keeps scheduling overhead small.
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points_per_row * 4 * p.D));
-  at::parallel_for(0, p.N * p.Lq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.D);
-    const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
-    BilinearSample<acc_t> s;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / p.Lq;
-      for (int64_t m = 0; m < p.M; ++m) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const scalar_t* head = value + n * p.S * row_stride + m * p.D;
-        const int64_t point0 = (row * p.M + m) * p.L * p.P;
-        for (int64_t l = 0; l < p.L; ++l) {
-          for (int64_t pt = 0; pt < p.P; ++pt) {
-            const int64_t idx = point0 + l * p.P + pt;
-            if (!locate<acc_t>(loc[2 * idx], loc[2 * idx + 1], layout.H[l], layout.W[l], layout.start[l], s)) continue;
-            const acc_t a = attn[idx];
-            const scalar_t* v[4];
-            acc_t w[4];
-            for (int k = 0; k < 4; ++k) {
-              v[k] = s.row[k] >= 0 ? head + s.row[k] * row_stride : zeros.data();
-              w[k] = a * s.weight[k];
-            }
-            accumulate_corners<scalar_t, acc_t>(acc.data(), v, w, p.D);
-          }
-        }
-        scalar_t* o = out + (row * p.M + m) * p.D;
-        for (int64_t c = 0; c < p.D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-      }
-    }
-  });
 }
 
 // How many channel blocks the backward uses: a function of the shapes only
