@@ -63,6 +63,8 @@ def machine() -> dict:
             info["cpu_model"] = names[0]
     except OSError:
         pass
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: record it
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

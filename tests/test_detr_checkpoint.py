@@ -115,3 +115,10 @@ def test_infer_variant_from_full_size_keys(variant):
     model = build_model(tiny_config(variant))
     args = argparse.Namespace(dilation=model.config.dilation)
     assert infer_variant(model.state_dict(), args) == variant
+
+
+def test_unsupported_backbone_in_args_is_a_checkpoint_error():
+    model = build_model(tiny_config("base"))
+    ckpt = {"model": model.state_dict(), "args": argparse.Namespace(backbone="resnet101")}
+    with pytest.raises(CheckpointError, match="unsupported configuration.*resnet101"):
+        config_from_checkpoint(ckpt)

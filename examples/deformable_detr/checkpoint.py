@@ -133,7 +133,10 @@ def config_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> DetrConfig
         aux_loss=bool(getattr(args, "aux_loss", True)),
     )
     fields.update(overrides)
-    return config_for_variant(variant, **fields)
+    try:
+        return config_for_variant(variant, **fields)
+    except ValueError as exc:  # e.g. a backbone this example does not implement
+        raise CheckpointError(f"checkpoint needs an unsupported configuration: {exc}") from exc
 
 
 def _reinit_class_heads(model: nn.Module) -> None:
