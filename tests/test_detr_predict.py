@@ -159,3 +159,18 @@ def test_draw_detections_draws_inside_the_boxes():
     assert (pixels[50, 35] == 255).all()  # inside stays untouched
     assert (pixels[5, 90] == 255).all()  # far away too
     assert image.getpixel((10, 50)) == (255, 255, 255)  # the input is not modified
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_autocast_gives_close_detections(checkpoint, dtype):
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    [full] = Detector.from_checkpoint(checkpoint, short_side=96).predict(image, threshold=0.0)
+    [low] = Detector.from_checkpoint(checkpoint, short_side=96, autocast=dtype).predict(image, threshold=0.0)
+    assert low["scores"].dtype == torch.float32 and torch.isfinite(low["boxes"]).all()
+    torch.testing.assert_close(low["scores"][:10], full["scores"][:10], atol=0.02, rtol=0)
+
+
+def test_autocast_choice_is_checked(checkpoint):
+    with pytest.raises(ValueError, match="autocast must be"):
+        Detector.from_checkpoint(checkpoint, autocast="float8")
