@@ -103,6 +103,11 @@ def test_padding_in_a_batch_of_different_sizes_does_not_change_the_result(checkp
         (lambda d, ck: [ck, str(d / "broken.png")], "cannot read image"),
         (lambda d, ck: [ck, str(d / "a.png"), "--variant", "two_stage"], "is a checkpoint of variant 'box_refine', not 'two_stage'"),
         (lambda d, ck: [ck, str(d / "empty")], "no image files"),
+        *(
+            [(lambda d, ck: [ck, str(d / "a.png"), "--device", "cuda"], "CUDA is not available")]
+            if not torch.cuda.is_available()
+            else []
+        ),
     ],
 )
 def test_clear_errors(tmp_path, checkpoint, capsys, make_args, message):

@@ -124,6 +124,8 @@ class Detector:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested, but CUDA is not available here (use --device cpu)")
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
         self.autocast = autocast

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> list[str]:
             short_side=args.short_side, max_size=args.max_size,
             **({"class_names": class_names} if class_names is not None else {}),
         )
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:  # wrong variant, unusable device, ...
         raise PredictError(str(exc)) from exc
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
