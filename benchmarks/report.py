@@ -1,0 +1,188 @@
+"""Turns worker measurements into comparison rows, target verdicts and a markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from roofline import op_flops, roofline_row
+
+# (case, metric, threshold, description); metric "memory_ratio" must be <= 1/threshold,
+# the speedups >= threshold. Ratios are msda against the reference, measured in the same run.
+TARGETS: list[tuple[str, str, float, str]] = [
+    ("encoder_n1", "speedup_forward", 25.0, "encoder N 1: forward >= 25x faster"),
+    ("encoder_n1", "speedup_forward_backward", 25.0, "encoder N 1: fwd+bwd >= 25x faster"),
+    ("encoder_n1", "memory_reduction", 10.0, "encoder N 1: peak extra memory <= 1/10 of the reference's"),
+    ("decoder", "speedup_forward", 10.0, "decoder: forward >= 10x faster"),
+    ("decoder", "speedup_forward_backward", 5.0, "decoder: fwd+bwd >= 5x faster"),
+]
+
+MIB = 2**20
+
+
+def _median(result: dict[str, Any], threads: str, which: str) -> float:
+    return result["timings"][threads][which]["median_s"]
+
+
+def compare(msda_result: dict[str, Any], ref_result: dict[str, Any] | None, threads: int,
+            peaks: dict[str, Any] | None) -> dict[str, Any]:
+    """One row: msda against the reference at ``threads`` threads, plus msda's thread scaling."""
+    t = str(threads)
+    row: dict[str, Any] = {
+        "case": msda_result["case"],
+        "kind": msda_result["kind"],
+        "device": msda_result["device"],
+        "dims": msda_result["dims"],
+        "threads": threads,
+        "msda": {
+            "forward_s": _median(msda_result, t, "forward"),
+            "forward_backward_s": _median(msda_result, t, "forward_backward"),
+            "peak_extra_bytes": msda_result["memory"]["peak_extra_bytes"],
+        },
+    }
+    if ref_result is not None:
+        row["reference"] = {
+            "forward_s": _median(ref_result, t, "forward"),
+            "forward_backward_s": _median(ref_result, t, "forward_backward"),
+            "peak_extra_bytes": ref_result["memory"]["peak_extra_bytes"],
+        }
+        row["speedup_forward"] = row["reference"]["forward_s"] / row["msda"]["forward_s"]
+        row["speedup_forward_backward"] = row["reference"]["forward_backward_s"] / row["msda"]["forward_backward_s"]
+        row["memory_reduction"] = row["reference"]["peak_extra_bytes"] / max(row["msda"]["peak_extra_bytes"], 1)
+    # Thread scaling: time at 1 thread over time at `threads`, for every thread count measured.
+    row["scaling"] = {}
+    for name, result in (("msda", msda_result), ("reference", ref_result)):
+        if result is None or "1" not in result["timings"] or t not in result["timings"] or t == "1":
+            continue
+        row["scaling"][name] = {
+            which: _median(result, "1", which) / _median(result, t, which) for which in ("forward", "forward_backward")
+        }
+    if row["kind"] == "op":
+        flops = op_flops(row["dims"])
+        for impl in ("msda", "reference"):
+            if impl in row:
+                row[impl]["gflops_forward"] = flops["forward"] / row[impl]["forward_s"] / 1e9
+                row[impl]["gflops_forward_backward"] = flops["forward_backward"] / row[impl]["forward_backward_s"] / 1e9
+        if peaks is not None and row["device"] == "cpu":
+            row["roofline"] = roofline_row(row["dims"], row["msda"]["forward_s"], row["msda"]["forward_backward_s"],
+                                           peaks)
+    return row
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    verdicts = []
+    for case, metric, threshold, description in TARGETS:
+        row = next((r for r in rows if r["case"] == case and r["device"] == "cpu" and metric in r), None)
+        if row is None:
+            continue
+        value = row[metric]
+        verdicts.append({"case": case, "metric": metric, "threshold": threshold, "value": value,
+                         "description": description, "pass": value >= threshold})
+    return verdicts
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
+
+
+def _dims(d: dict[str, int]) -> str:
+    text = f"N{d['N']} Lq{d['Lq']} M{d['M']} D{d['D']} L{d['L']} P{d['P']}"
+    return text + (f" x{d['layers']} layers" if d.get("layers", 1) > 1 else "")
+
+
+def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| case | shape | dev | fwd ms msda / ref | fwd speedup | fwd+bwd ms msda / ref | fwd+bwd speedup "
+        "| peak extra MiB msda / ref | memory ratio | msda 1->2 thread scaling fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, ref = r["msda"], r.get("reference")
+        scale = r["scaling"].get("msda")
+        scaling = f"{scale['forward']:.2f}x / {scale['forward_backward']:.2f}x" if scale else "-"
+        if ref is None:
+            cells = [f"{_ms(m['forward_s'])} / -", "-", f"{_ms(m['forward_backward_s'])} / -", "-",
+                     f"{m['peak_extra_bytes'] / MIB:.1f} / -", "-"]
+        else:
+            cells = [
+                f"{_ms(m['forward_s'])} / {_ms(ref['forward_s'])}", f"{r['speedup_forward']:.1f}x",
+                f"{_ms(m['forward_backward_s'])} / {_ms(ref['forward_backward_s'])}",
+                f"{r['speedup_forward_backward']:.1f}x",
+                f"{m['peak_extra_bytes'] / MIB:.1f} / {ref['peak_extra_bytes'] / MIB:.1f}",
+                f"1/{r['memory_reduction']:.1f}",
+            ]
+        lines.append(f"| {r['case']} | {_dims(r['dims'])} | {r['device']} | " + " | ".join(cells) + f" | {scaling} |")
+    return lines
+
+
+def _roofline_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> list[str]:
+    measured, derived = peaks["measured"], peaks["derived"]
+    lines = [
+        f"Machine peaks at {measured['threads']} threads: matmul {measured['gflops']:.0f} GFLOP/s, "
+        f"copy {measured['copy_gbps']:.1f} GB/s (measured: {measured['how']})."
+    ]
+    if derived.get("available"):
+        lines[-1] += (f" Derived: {derived['gflops']:.0f} GFLOP/s, cache loads {derived['cache_load_gbps']:.0f} GB/s "
+                      f"({derived['how']}).")
+    lines += [
+        "",
+        "| case | msda GFLOP/s fwd / fwd+bwd | % of matmul peak (fwd) | % of derived peak (fwd) "
+        "| DRAM GB/s fwd (% of copy) | gathered GB/s fwd (% of derived cache loads) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rl = r.get("roofline")
+        if rl is None:
+            continue
+        derived_pct = f"{100 * rl['fraction_of_derived_peak_forward']:.2f}%" if "fraction_of_derived_peak_forward" in rl else "-"
+        cache_pct = (f" ({100 * rl['fraction_of_cache_load_bandwidth_forward']:.1f}%)"
+                     if "fraction_of_cache_load_bandwidth_forward" in rl else "")
+        lines.append(
+            f"| {r['case']} | {rl['gflops_forward']:.1f} / {rl['gflops_forward_backward']:.1f} "
+            f"| {100 * rl['fraction_of_matmul_peak_forward']:.2f}% | {derived_pct} "
+            f"| {rl['dram_gbps_forward']:.2f} ({100 * rl['fraction_of_copy_bandwidth_forward']:.1f}%) "
+            f"| {rl['gathered_gbps_forward']:.1f}{cache_pct} |"
+        )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine, settings = report["machine"], report["settings"]
+    op_rows = [r for r in report["rows"] if r["kind"] == "op"]
+    module_rows = [r for r in report["rows"] if r["kind"] == "module"]
+    lines = [
+        "# msda benchmarks" + (" (--quick: reduced shapes, numbers are not meaningful)" if settings["quick"] else ""),
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"msda {machine['msda_version']} ({machine['msda_build']}); GPU: {machine['gpu'] or 'none'}.",
+        f"Command: `{settings['command']}`. Started {report['started_utc']}, took {report['elapsed_s']:.0f} s.",
+        f"Times are medians after warm-up: msda {settings['repeats']} runs ({settings['warmup']} warm-up), "
+        f"reference {settings['reference_repeats']} runs ({settings['reference_warmup']} warm-up) for op cases and "
+        f"{settings['module_reference_repeats']} for the module cases, at {settings['threads']} threads; "
+        f"forward under torch.no_grad. Peak extra memory: resident-set peak over one forward+backward minus the RSS "
+        f"before it, each (case, implementation) in its own process. Memory ratio = msda / reference.",
+        "",
+        "## Op: msda.ms_deform_attn against msda.ms_deform_attn_reference",
+        "",
+        *_comparison_table(op_rows),
+        "",
+    ]
+    if module_rows:
+        lines += ["## Module: MSDeformAttn layer and 6-layer encoder (module's op routed to the reference)", "",
+                  *_comparison_table(module_rows), ""]
+    if report["targets"]:
+        lines += ["## Targets (ratios from this run)", "", "| target | measured | verdict |", "|---|---|---|"]
+        for t in report["targets"]:
+            lines.append(f"| {t['description']} | {t['value']:.1f}x | {'PASS' if t['pass'] else 'MISS'} |")
+        lines.append("")
+    lines += [
+        "## Machine limit (msda CPU kernel)",
+        "",
+        "FLOPs: forward = 10 * N*Lq*M*L*P*D (bilinear: 4 multiply-adds, attention weight: 1 multiply-add, per sample "
+        "and channel); forward+backward = 3x forward. Compulsory DRAM bytes: value, locations, weights and output "
+        "read/written once (backward: also grad_value, grad_output and the small gradients). Gathered bytes: 4 corners "
+        "x D x 4 bytes per sample, served from cache.",
+        "",
+        *_roofline_table(op_rows, report["peaks"]),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""Runs the whole benchmark suite: msda's kernels against the grid_sample reference.
+
+    PYTHONPATH=src python benchmarks/run_all.py                 # full run (about 10 minutes on 2 cores)
+    PYTHONPATH=src python benchmarks/run_all.py --quick         # smoke run on tiny shapes
+    PYTHONPATH=src python benchmarks/run_all.py --only encoder_n1 decoder --repeats 7
+
+Every (case, implementation, device) runs in its own process (worker.py), so
+that each peak-memory figure starts from a clean process. msda and the
+reference of one case run back to back, so that load on a shared machine
+affects both alike. Writes benchmark.json, benchmark.md and speedup.png into
+--out (benchmarks/results by default; benchmarks/results/quick with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import msda  # noqa: E402
+from msda import _extension  # noqa: E402
+from cases import OP_CASES  # noqa: E402
+from module_bench import MODULE_CASES  # noqa: E402
+from plot import plot_speedups  # noqa: E402
+from report import check_targets, compare, markdown  # noqa: E402
+from roofline import machine_peaks  # noqa: E402
+
+ALL_CASES = list(OP_CASES) + list(MODULE_CASES)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    build = _extension.BUILD_INFO
+    build_info = {k: getattr(build, k) for k in dir(build) if k.isupper()} if build is not None else {}
+    if build is None:
+        summary = "extension not built"
+    else:
+        summary = f"built with {build_info.get('COMPILER')}, {build_info.get('CPU_FLAGS', '')}".rstrip(", ")
+        if not _extension.AVAILABLE:
+            summary += f"; NOT loaded ({_extension.UNAVAILABLE_REASON})"
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "msda_version": msda.__version__,
+        "msda_build": summary,
+        "msda_build_info": build_info,
+        "msda_kernel_devices": sorted(_extension.KERNEL_DEVICES),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def run_worker(case: str, impl: str, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    is_reference = impl == "reference"
+    threads = [args.threads]
+    if device == "cpu" and args.threads != 1 and (not is_reference or args.reference_scaling):
+        threads.append(1)  # thread scaling
+    if is_reference:
+        repeats = args.module_reference_repeats if case in MODULE_CASES else args.reference_repeats
+        warmup = args.reference_warmup
+    else:
+        repeats, warmup = args.repeats, args.warmup
+    cmd = [sys.executable, os.path.join(HERE, "worker.py"), "--case", case, "--impl", impl, "--device", device,
+           "--threads", *map(str, threads), "--warmup", str(warmup), "--repeats", str(repeats)]
+    if args.quick:
+        cmd.append("--quick")
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed ({' '.join(map(shlex.quote, cmd))}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    t = result["timings"][str(args.threads)]
+    print(f"  {case:14s} {impl:9s} {device:4s} fwd {t['forward']['median_s'] * 1e3:9.2f} ms  "
+          f"fwd+bwd {t['forward_backward']['median_s'] * 1e3:9.2f} ms  "
+          f"peak extra {result['memory']['peak_extra_bytes'] / 2**20:8.1f} MiB  ({time.perf_counter() - start:.0f} s)",
+          flush=True)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run")
+    parser.add_argument("--only", nargs="+", choices=ALL_CASES, help="run only these cases")
+    parser.add_argument("--out", help="output folder (default benchmarks/results, or benchmarks/results/quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per msda measurement (default 5; 2 with --quick)")
+    parser.add_argument("--warmup", type=int, help="warm-up runs for msda (default 2; 1 with --quick)")
+    parser.add_argument("--reference-repeats", type=int,
+                        help="timed runs per reference measurement, op cases (default 3: it takes seconds per call)")
+    parser.add_argument("--module-reference-repeats", type=int,
+                        help="timed runs per reference measurement, module cases (default 2: a 6-layer "
+                             "fwd+bwd takes about a minute)")
+    parser.add_argument("--reference-warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="threads for the main comparison (msda is also "
+                        "timed at 1 thread for scaling)")
+    parser.add_argument("--reference-scaling", action="store_true",
+                        help="also time the reference at 1 thread (slow: doubles the reference's time)")
+    parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even when a GPU is present")
+    args = parser.parse_args(argv)
+    defaults = {"repeats": (2, 5), "warmup": (1, 2), "reference_repeats": (2, 3), "module_reference_repeats": (2, 2)}
+    for name, (quick_value, full_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick_value if args.quick else full_value)
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", "quick") if args.quick else os.path.join(HERE, "results")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.perf_counter()
+    devices = ["cpu"]
+    if not args.no_cuda and torch.cuda.is_available():
+        devices.append("cuda")
+    machine = machine_info()
+    print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}, "
+          f"msda {machine['msda_build']}", flush=True)
+    peaks = machine_peaks(args.threads, quick=args.quick)
+    print(f"peaks at {args.threads} threads: matmul {peaks['measured']['gflops']:.0f} GFLOP/s, "
+          f"copy {peaks['measured']['copy_gbps']:.1f} GB/s", flush=True)
+
+    rows = []
+    raw = []
+    for case in args.only or ALL_CASES:
+        for device in devices:
+            msda_result = run_worker(case, "msda", device, args)
+            ref_result = run_worker(case, "reference", device, args)
+            raw += [msda_result, ref_result]
+            rows.append(compare(msda_result, ref_result, args.threads, peaks))
+
+    report = {
+        "started_utc": started.isoformat(timespec="seconds"),
+        "elapsed_s": time.perf_counter() - t0,
+        "settings": {
+            "command": "python benchmarks/run_all.py " + " ".join(map(shlex.quote, argv if argv is not None
+                                                                          else sys.argv[1:])),
+            "quick": args.quick, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+            "reference_repeats": args.reference_repeats, "module_reference_repeats": args.module_reference_repeats,
+            "reference_warmup": args.reference_warmup, "reference_scaling": args.reference_scaling,
+            "devices": devices,
+        },
+        "machine": machine,
+        "peaks": peaks,
+        "flop_formula": "forward = 10*N*Lq*M*L*P*D; forward+backward = 3 * forward",
+        "rows": rows,
+        "targets": check_targets(rows),
+        "raw": raw,
+    }
+    json_path = os.path.join(args.out, "benchmark.json")
+    md_path = os.path.join(args.out, "benchmark.md")
+    png_path = os.path.join(args.out, "speedup.png")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(md_path, "w") as f:
+        f.write(text)
+    title = f"msda vs grid_sample reference, {machine['cpu_model']}, {args.threads} threads"
+    plot_speedups(rows, png_path, title + (" (--quick)" if args.quick else ""))
+    print()
+    print(text)
+    print(f"wrote {json_path}, {md_path}, {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

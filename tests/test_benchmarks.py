@@ -1,0 +1,63 @@
+"""The benchmark suite runs end to end in --quick mode and writes its JSON, markdown and plot.
+
+No timing assertions: this checks the suite's plumbing (a process per case,
+memory and timing fields, targets, roofline, plot), not the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_ALL = os.path.join(REPO_ROOT, "benchmarks", "run_all.py")
+
+pytest.importorskip("matplotlib")
+
+
+def test_quick_run_writes_results(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH", "")) if p
+    )
+    cmd = [sys.executable, RUN_ALL, "--quick", "--no-cuda", "--out", str(tmp_path),
+           "--only", "encoder_n1", "decoder", "module_layer"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    for name in ("benchmark.json", "benchmark.md", "speedup.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    for key in ("machine", "settings", "peaks", "flop_formula", "rows", "targets", "raw", "elapsed_s"):
+        assert key in report, key
+    for key in ("cpu_model", "cores", "torch", "msda_build_info"):
+        assert key in report["machine"], key
+    assert report["peaks"]["measured"]["gflops"] > 0
+    assert report["peaks"]["measured"]["copy_gbps"] > 0
+    assert report["settings"]["quick"] is True
+
+    rows = {row["case"]: row for row in report["rows"] if row["device"] == "cpu"}
+    assert set(rows) == {"encoder_n1", "decoder", "module_layer"}
+    for row in rows.values():
+        for impl in ("msda", "reference"):
+            assert row[impl]["forward_s"] > 0
+            assert row[impl]["forward_backward_s"] > 0
+            assert row[impl]["peak_extra_bytes"] >= 0
+        for key in ("speedup_forward", "speedup_forward_backward", "memory_reduction"):
+            assert row[key] > 0, key
+        assert set(row["scaling"]["msda"]) == {"forward", "forward_backward"}
+    assert rows["encoder_n1"]["msda"]["gflops_forward"] > 0
+    assert rows["encoder_n1"]["roofline"]["gflops_forward"] > 0
+
+    verdicts = {(t["case"], t["metric"]) for t in report["targets"]}
+    assert ("encoder_n1", "memory_reduction") in verdicts
+    assert ("decoder", "speedup_forward_backward") in verdicts
+
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| encoder_n1 |" in text and ("PASS" in text or "MISS" in text)
