@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cases import check_against_truth, level_tables, make_case
 from test_op_vs_reference import DTYPE_COMBINATIONS, problems
@@ -205,6 +206,16 @@ def test_argument_errors_name_the_argument(emu):
                     case.attention_weights)
     with pytest.raises(ValueError, match="grad_output must have shape"):
         emu.backward(*case.inputs, case.grad_output[:, :1])
+
+
+@settings(max_examples=200)
+@given(a=st.integers(0, 2**63 - 1), b=st.integers(1, 2**63 - 1), small=st.booleans())
+def test_index_division_helper(emu, a, b, small):
+    # The kernels divide 64-bit indices in 32 bits when they fit, else by
+    # shift-and-subtract (no spilling subroutine call on the GPU).
+    if small:
+        a, b = a % 2**32, b % 2**32 or 1
+    assert emu.div_floor(a, b) == a // b
 
 
 def test_int32_level_tables(emu):

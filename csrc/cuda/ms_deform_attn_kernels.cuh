@@ -52,6 +52,24 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& x) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = x;
 }
 
+// a / b for a >= 0, b >= 1, without 64-bit integer division: on the GPU that
+// is a subroutine call, and the registers saved around it show up as spills.
+// 32-bit division when both fit (always, in practice), else shift-and-subtract.
+__device__ __forceinline__ int64_t div_floor(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  const uint64_t ua = static_cast<uint64_t>(a), ub = static_cast<uint64_t>(b);
+  uint64_t q = 0, r = 0;
+#pragma unroll 1
+  for (int bit = 63; bit >= 0; --bit) {
+    r = (r << 1) | ((ua >> bit) & 1u);
+    if (r >= ub) {
+      r -= ub;
+      q |= uint64_t(1) << bit;
+    }
+  }
+  return static_cast<int64_t>(q);
+}
+
 // One level of the value tensor. `valid` is false when spatial_shapes or
 // level_start_index (device values nobody checked) would put the level outside
 // the S rows of value; such a level is skipped, so no index can leave value.
@@ -65,8 +83,8 @@ __device__ __forceinline__ Level read_level(const int64_t* shapes, const int64_t
   lv.H = shapes[2 * l];
   lv.W = shapes[2 * l + 1];
   lv.start = starts[l];
-  // Division instead of H*W so that absurd sizes cannot overflow.
-  lv.valid = lv.H >= 1 && lv.W >= 1 && lv.start >= 0 && lv.start <= S && lv.H <= (S - lv.start) / lv.W;
+  // A 128-bit product, so that absurd sizes cannot overflow.
+  lv.valid = lv.H >= 1 && lv.W >= 1 && lv.start >= 0 && lv.start <= S && static_cast<unsigned __int128>(lv.H) * static_cast<uint64_t>(lv.W) <= static_cast<uint64_t>(S - lv.start);
   return lv;
 }
 
@@ -118,8 +136,8 @@ struct HeadQuery {
 
 __device__ __forceinline__ HeadQuery head_query(int64_t hq, int64_t S, int64_t M, int64_t D, int64_t Lq) {
   HeadQuery h;
-  h.m = hq % M;
-  h.n = hq / (Lq * M);
+  h.m = hq - div_floor(hq, M) * M;
+  h.n = div_floor(hq, Lq * M);
   h.value_offset = (h.n * S * M + h.m) * D;
   return h;
 }
@@ -138,7 +156,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t row_stride = M * D;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t hq = t / groups;
+    const int64_t hq = div_floor(t, groups);
     const int64_t c = (t - hq * groups) * VEC;
     const HeadQuery h = head_query(hq, S, M, D, Lq);
     const scalar_t* v = value + h.value_offset + c;
@@ -240,7 +258,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_warp
   // total and the stride are multiples of width, so a segment iterates together.
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t hq = t / width;
+    const int64_t hq = div_floor(t, width);
     const int64_t g = t - hq * width;
     const bool active = g < groups;
     const int64_t c = active ? g * VEC : 0;
@@ -304,7 +322,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_bloc
       const int64_t count = LP - first < kPointsPerChunk ? LP - first : kPointsPerChunk;
       for (int64_t j = 0; j < count; ++j) {
         const int64_t lp = first + j;
-        const Level lv = read_level(shapes, starts, lp / P, S);
+        const Level lv = read_level(shapes, starts, div_floor(lp, P), S);
         acc_t g_attn = 0, g_x = 0, g_y = 0;
         Corners<acc_t> cn;
         const acc_t a = hq_attn[lp];

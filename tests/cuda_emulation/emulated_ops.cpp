@@ -55,5 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "emulated msda::ms_deform_attn_forward (CUDA)");
   m.def("backward", &backward, "emulated msda::ms_deform_attn_backward (CUDA)");
   m.def("set_seed", [](uint64_t seed) { msda_emu::g.seed = seed; }, "seed of the block and thread order");
+  m.def("div_floor", &msda::cuda_kernels::div_floor, "the kernels' 64-bit division helper, run on the host");
   m.def("stats", &stats, "launch, block, thread and context-switch counts so far");
 }
