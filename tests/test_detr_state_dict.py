@@ -10,7 +10,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from examples.deformable_detr.configs import config_for_variant
 from examples.deformable_detr.deformable_detr import build_model

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .configs import DetrConfig, VARIANTS, config_for_variant
+from .configs import DetrConfig, config_for_variant
 
 __all__ = [
     "CheckpointError",
