@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from msda import MSDeformAttn
 
@@ -42,7 +42,10 @@ class EncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(
+        self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+        level_start_index: Tensor, padding_mask: Optional[Tensor],
+    ) -> Tensor:
         attended = self.self_attn(_add_pos(src, pos), reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
@@ -69,7 +72,10 @@ class DecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
+    def forward(
+        self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+        level_start_index: Tensor, padding_mask: Optional[Tensor],
+    ) -> Tensor:
         q = k = _add_pos(tgt, query_pos)
         # nn.MultiheadAttention is sequence-first here, as in the original
         attended = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0].transpose(0, 1)
@@ -108,7 +114,10 @@ class Encoder(nn.Module):
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
+    def forward(
+        self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
+        pos: Tensor, padding_mask: Optional[Tensor],
+    ) -> Tensor:
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         out = src
         for layer in self.layers:
@@ -131,7 +140,10 @@ class Decoder(nn.Module):
         self.bbox_embed: Optional[nn.ModuleList] = None
         self.class_embed: Optional[nn.ModuleList] = None
 
-    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, padding_mask):
+    def forward(
+        self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+        level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor, padding_mask: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor]:
         output = tgt
         outputs, references = [], []
         for lid, layer in enumerate(self.layers):
@@ -205,7 +217,7 @@ class DeformableTransformer(nn.Module):
         valid_w = torch.sum(~mask[:, 0, :], 1)
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
-    def encoder_proposals(self, memory, padding_mask, spatial_shapes):
+    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
         """One proposal box per encoder pixel, in logit space, and the memory that scores them.
 
         Centre at the pixel centre over the valid size, size 0.05 * 2**level. Proposals touching the
@@ -242,7 +254,7 @@ class DeformableTransformer(nn.Module):
         masks: list[torch.Tensor],
         pos_embeds: list[torch.Tensor],
         query_embed: Optional[torch.Tensor] = None,
-    ):
+    ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """Per-level (B, C, H, W) features, (B, H, W) masks and position encodings ->
         (hs (layers, B, Q, C), initial reference, per-layer references, encoder class logits or
         None, encoder unsigmoided boxes or None)."""
