@@ -64,3 +64,13 @@ def test_no_detections_gives_zero(coco_gt: COCO) -> None:
     evaluator = CocoEvaluator(coco_gt)
     evaluator.update({i: {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0), "scores": torch.zeros(0)} for i in coco_gt.getImgIds()})
     assert evaluator.summarize(verbose=False) == {name: 0.0 for name in STAT_NAMES}
+
+
+def test_an_image_predicted_twice_counts_once(coco_gt: COCO) -> None:
+    """A DistributedSampler repeats images to even out the ranks; the repeats must not add detections."""
+    perfect = _ground_truth_predictions(coco_gt)
+    shifted = _ground_truth_predictions(coco_gt, box_shift=0.3)
+    evaluator = CocoEvaluator(coco_gt)
+    evaluator.update(shifted)
+    evaluator.update(perfect)  # the later prediction of an image replaces the earlier one
+    assert evaluator.summarize(verbose=False)["AP"] == pytest.approx(1.0)

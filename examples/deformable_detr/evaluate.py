@@ -70,19 +70,22 @@ class CocoEvaluator:
     """Collects predictions batch by batch, then scores them.
 
     ``update`` takes ``{image_id: {"scores", "labels", "boxes" (xyxy pixels)}}``.
+    Results are kept per image, so an image predicted twice (a DistributedSampler
+    pads the last batch with repeats) counts once.
     """
 
     def __init__(self, coco_gt: COCO) -> None:
         self.coco_gt = coco_gt
-        self.results: list[dict[str, Any]] = []
-        self.image_ids: list[int] = []
+        self.per_image: dict[int, list[dict[str, Any]]] = {}
 
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
-        self.image_ids.extend(int(i) for i in predictions)
-        self.results.extend(_to_coco_results(predictions))
+        for image_id, pred in predictions.items():
+            self.per_image[int(image_id)] = _to_coco_results({image_id: pred})
 
     def summarize(self, verbose: bool = True) -> dict[str, float]:
         """Merge every process's predictions and score them (the same on every process)."""
-        results = [r for part in distributed.all_gather_object(self.results) for r in part]
-        image_ids = [i for part in distributed.all_gather_object(self.image_ids) for i in part]
-        return coco_box_stats(self.coco_gt, results, image_ids, verbose=verbose and distributed.is_main_process())
+        merged: dict[int, list[dict[str, Any]]] = {}
+        for part in distributed.all_gather_object(self.per_image):
+            merged.update(part)
+        results = [r for image_results in merged.values() for r in image_results]
+        return coco_box_stats(self.coco_gt, results, list(merged), verbose=verbose and distributed.is_main_process())
