@@ -87,7 +87,8 @@ def test_emulated_cuda_matches_float64_truth(emu, dtypes, problem):
         (264, torch.float16, 2),  # 33 half8 groups: block kernel, vectorised
         (1025, torch.float32, 2),  # block kernel, 256 threads looping over groups
         (4096, torch.float32, 1),  # 1024 float4 groups
-        (40, torch.float32, 9),  # L*P = 36 > 32: two reduction rounds
+        (33, torch.float32, 9),  # block kernel with L*P = 36 > 32: two shared-memory rounds
+        (40, torch.float32, 9),  # warp kernel with L*P = 36
     ],
 )
 def test_each_kernel_variant(emu, D, dtype, P):

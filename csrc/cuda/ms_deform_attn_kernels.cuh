@@ -30,7 +30,10 @@ namespace msda {
 namespace cuda_kernels {
 
 constexpr int kWarpSize = 32;
-constexpr int kThreadsPerBlock = 256;   // every launch uses at most this many threads
+// Every launch uses at most this many threads, so any register count ptxas
+// picks (<= 255) fits. No __launch_bounds__: with it ptxas aims at a higher
+// occupancy and spills a few registers in some instantiations.
+constexpr int kThreadsPerBlock = 256;
 constexpr int kMaxWarpsPerBlock = kThreadsPerBlock / kWarpSize;
 constexpr int kPointsPerChunk = 32;     // (l, p) entries reduced per shared-memory round
 
@@ -146,11 +149,10 @@ __device__ __forceinline__ HeadQuery head_query(int64_t hq, int64_t S, int64_t M
 // Forward: one thread per (head-query, group of VEC channels), no
 // synchronisation, a grid-stride loop for grids larger than the launch.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreadsPerBlock)
-    ms_deform_attn_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
-                                  const int64_t* __restrict__ starts, const acc_t* __restrict__ loc,
-                                  const acc_t* __restrict__ attn, scalar_t* __restrict__ out, int64_t HQ,
-                                  int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) {
+__global__ void ms_deform_attn_forward_kernel(
+    const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+    const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, scalar_t* __restrict__ out, int64_t HQ, int64_t S,
+    int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P) {
   const int64_t groups = D / VEC;
   const int64_t total = HQ * groups;
   const int64_t row_stride = M * D;
@@ -244,7 +246,7 @@ __device__ __forceinline__ acc_t segment_sum(acc_t x, unsigned mask, int width) 
 // zeros). Location and weight gradients are reduced with warp shuffles and
 // written once, by the segment's first lane.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_warp_kernel(
+__global__ void ms_deform_attn_backward_warp_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
     acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_loc, acc_t* __restrict__ grad_attn, int64_t HQ,
@@ -303,7 +305,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_warp
 // into shared memory; after a barrier the block sums the warps' partials and
 // writes each gradient once.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreadsPerBlock) ms_deform_attn_backward_block_kernel(
+__global__ void ms_deform_attn_backward_block_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
     acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_loc, acc_t* __restrict__ grad_attn, int64_t HQ,
