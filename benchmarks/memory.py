@@ -1,11 +1,12 @@
 """Peak extra memory of one call, measured from outside the allocator.
 
 On the CPU the resident-set size is what the machine actually pays, whatever
-allocator (glibc, torch's caching) sits in between. Its peak (VmHWM, which is
-also what ``ru_maxrss`` reports) only ever grows during a process's life, so
-each (case, implementation) pair is measured in a fresh process, and Linux is
-asked to reset the peak (``/proc/self/clear_refs``, value 5) right after the
-inputs are built, so building them does not count. Where the reset is not
+allocator (glibc, torch's caching) sits in between. Its peak (VmHWM) only ever
+grows during a process's life, so each (case, implementation) pair is
+measured in a fresh process, and Linux is asked to reset the peak
+(``/proc/self/clear_refs``, value 5) right after the inputs are built, so
+building them does not count. (``ru_maxrss`` is not used: on Linux it is at
+least the parent's RSS at fork.) Where the reset is not
 allowed, the peak since process start is used, which can only overstate.
 File-backed pages (library code faulted in for the first time, or again
 after the kernel reclaimed it on a busy machine) that appear during the call
@@ -45,8 +46,16 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux and follows the same high-water mark as VmHWM.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's resident-set peak (VmHWM).
+
+    Not ``ru_maxrss``: that is also at least the RSS of the parent at fork
+    (Linux keeps the pre-exec peak), so a large parent such as run_all.py
+    would raise the floor of every worker's figure.
+    """
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> dict[str, object]:
@@ -69,7 +78,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> dict[str
     fn()
     peak = peak_rss_bytes()
     file_growth = max(_status_kib("RssFile") * 1024 - file_before, 0)
-    method = "ru_maxrss (reset via clear_refs) - RSS before the call - file-backed RSS growth"
+    method = "VmHWM (reset via clear_refs) - RSS before the call - file-backed RSS growth"
     if not reset_ok:
         method = method.replace("reset via clear_refs", "since process start, could not reset")
     return {

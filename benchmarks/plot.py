@@ -26,7 +26,7 @@ def plot_speedups(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
     for i, (name, values) in enumerate(series):
         bars = ax.bar(x + (i - 1) * width, values, width, label=name)
-        ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in values], fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 10 else f"{v:.2g}" for v in values], fontsize=7, padding=1)
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)

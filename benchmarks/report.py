@@ -84,6 +84,10 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
 
 
+def _load(averages: list[float]) -> str:
+    return "/".join(f"{a:.1f}" for a in averages)
+
+
 def _dims(d: dict[str, int]) -> str:
     text = f"N{d['N']} Lq{d['Lq']} M{d['M']} D{d['D']} L{d['L']} P{d['P']}"
     return text + (f" x{d['layers']} layers" if d.get("layers", 1) > 1 else "")
@@ -154,10 +158,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}, "
         f"msda {machine['msda_version']} ({machine['msda_build']}); GPU: {machine['gpu'] or 'none'}.",
-        f"Command: `{settings['command']}`. Started {report['started_utc']}, took {report['elapsed_s']:.0f} s.",
+        f"Command: `{settings['command']}`. Started {report['started_utc']}, took {report['elapsed_s']:.0f} s; "
+        f"load average (1, 5, 15 min) {_load(machine['load_average_at_start'])} at the start, "
+        f"{_load(report['load_average_at_end'])} at the end (other work on the machine slows both sides).",
         f"Times are medians after warm-up: msda {settings['repeats']} runs ({settings['warmup']} warm-up), "
         f"reference {settings['reference_repeats']} runs ({settings['reference_warmup']} warm-up) for op cases and "
-        f"{settings['module_reference_repeats']} for the module cases, at {settings['threads']} threads; "
+        f"{settings['module_reference_repeats']} for the module cases (a reference call takes seconds), "
+        f"the first forward+backward (the memory measurement) counting as one warm-up, at {settings['threads']} threads; "
         f"forward under torch.no_grad. Peak extra memory: resident-set peak over one forward+backward minus the RSS "
         f"before it, each (case, implementation) in its own process. Memory ratio = msda / reference.",
         "",

@@ -72,6 +72,7 @@ def machine_info() -> dict[str, Any]:
         "msda_build_info": build_info,
         "msda_kernel_devices": sorted(_extension.KERNEL_DEVICES),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": os.getloadavg(),
     }
 
 
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "started_utc": started.isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - t0,
+        "load_average_at_end": os.getloadavg(),
         "settings": {
             "command": "python benchmarks/run_all.py " + " ".join(map(shlex.quote, argv if argv is not None
                                                                           else sys.argv[1:])),

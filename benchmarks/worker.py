@@ -99,9 +99,11 @@ def measure(forward: Callable[[], torch.Tensor], step: Callable[[], None], tiny_
             with torch.no_grad():
                 forward()
 
+        # At the first thread count the memory call already warmed up both paths once.
+        warm = max(warmup - 1, 0) if t == threads[0] else warmup
         result["timings"][str(t)] = {
-            "forward": time_calls(inference, device, warmup, repeats),
-            "forward_backward": time_calls(step, device, max(warmup - 1, 0) if t == threads[0] else warmup, repeats),
+            "forward": time_calls(inference, device, warm, repeats),
+            "forward_backward": time_calls(step, device, warm, repeats),
         }
     return result
 
