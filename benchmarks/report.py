@@ -96,7 +96,7 @@ def _dims(d: dict[str, int]) -> str:
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| case | shape | dev | fwd ms msda / ref | fwd speedup | fwd+bwd ms msda / ref | fwd+bwd speedup "
-        "| peak extra MiB msda / ref | memory ratio | msda 1->2 thread scaling fwd / fwd+bwd |",
+        "| peak extra MiB msda / ref | memory ratio | msda time 1 thread / 2 threads, fwd / fwd+bwd |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
