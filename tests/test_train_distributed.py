@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+import msda
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
@@ -71,8 +73,9 @@ def _make_data(root: str) -> None:
 def test_two_process_gradients_match_single_process(tmp_path) -> None:
     root, out = str(tmp_path / "data"), str(tmp_path / "ddp_grads.pt")
     _make_data(root)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO_ROOT, "src"), REPO_ROOT,
-                                                         os.environ.get("PYTHONPATH", "")]),
+    # the workers import the same msda as this process (installed or the source tree)
+    msda_parent = os.path.dirname(os.path.dirname(os.path.abspath(msda.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([msda_parent, REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
            os.path.abspath(__file__), root, out]

@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if speed:
         print(f"msda kernels made the training step {speed['speedup']:.2f}x faster than the reference op "
               f"({speed['kernel_step_s'] * 1000:.0f} vs {speed['reference_step_s'] * 1000:.0f} ms)")
-    print(f"AP50 {ap['AP50']:.3f}, AP {ap['AP']:.3f} after {train_s:.0f}s of training "
+    verdict = "reached" if ap["AP50"] >= 0.5 else "not reached (train longer: --train_seconds)"
+    print(f"AP50 {ap['AP50']:.3f} (target 0.5 {verdict}), AP {ap['AP']:.3f} after {train_s:.0f}s of training "
           f"({time.perf_counter() - wall_start:.0f}s in all); picture: {picture}; results: "
           f"{os.path.join(args.output_dir, 'results.json')}")
     return results

@@ -17,12 +17,11 @@ lr_scheduler, epoch, args) and resume exactly. AMP (``--amp``) applies on CUDA.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
