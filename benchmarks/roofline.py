@@ -13,9 +13,11 @@ Per-sample coordinate arithmetic (O(N*Lq*M*L*P), no factor D) is not counted.
 
 Bytes (compulsory DRAM traffic in float32, each tensor read or written once):
 
-    forward  = 4 * (N*S*M*D [value] + 3*N*Lq*M*L*P [locations, weights] + N*Lq*M*D [output])
-    backward = 4 * (2*N*S*M*D [value, grad_value] + 6*N*Lq*M*L*P [loc, weights, their grads]
+    forward  = 4 * (V + 3*N*Lq*M*L*P [locations, weights] + N*Lq*M*D [output])
+    backward = 4 * (V + N*S*M*D [grad_value, dense] + 6*N*Lq*M*L*P [loc, weights, their grads]
                     + N*Lq*M*D [grad_output])
+    V = min(N*S*M*D, 4*N*Lq*M*L*P*D): the value rows the samples can touch (few
+        decoder queries touch a small part of the maps)
 
 and the gathered bytes, 4 * 4 * N*Lq*M*L*P*D (four corners of D channels per
 sample), which the kernel loads from cache: the op is a gather, so its
@@ -54,8 +56,9 @@ def op_bytes(dims: dict[str, int]) -> dict[str, float]:
     value = N * S * M * D
     samples = N * Lq * M * L * P
     out = N * Lq * M * D
-    forward = BYTES_PER_FLOAT * (value + 3 * samples + out)
-    backward = BYTES_PER_FLOAT * (2 * value + 6 * samples + out)
+    value_read = min(value, 4 * samples * D)  # at most 4 corner rows of D channels per sample
+    forward = BYTES_PER_FLOAT * (value_read + 3 * samples + out)
+    backward = BYTES_PER_FLOAT * (value_read + value + 6 * samples + out)
     gathered = BYTES_PER_FLOAT * 4 * samples * D
     return {"forward": float(forward), "forward_backward": float(forward + backward), "gathered_forward": float(gathered)}
 

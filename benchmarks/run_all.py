@@ -126,6 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference-scaling", action="store_true",
                         help="also time the reference at 1 thread (slow: doubles the reference's time)")
     parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even when a GPU is present")
+    parser.add_argument("--render-only", metavar="JSON",
+                        help="measure nothing: rebuild the rows, tables and plot from the raw measurements "
+                             "in an earlier benchmark.json (e.g. after a change to the report)")
     args = parser.parse_args(argv)
     defaults = {"repeats": (2, 5), "warmup": (1, 2), "reference_repeats": (2, 5), "module_reference_repeats": (2, 3)}
     for name, (quick_value, full_value) in defaults.items():
@@ -139,6 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.render_only:
+        with open(args.render_only) as f:
+            write_outputs(json.load(f), args.out)
+        return 0
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
     devices = ["cpu"]
@@ -151,22 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peaks at {args.threads} threads: matmul {peaks['measured']['gflops']:.0f} GFLOP/s, "
           f"copy {peaks['measured']['copy_gbps']:.1f} GB/s", flush=True)
 
-    rows = []
     raw = []
     for case in args.only or ALL_CASES:
         for device in devices:
-            msda_result = run_worker(case, "msda", device, args)
-            ref_result = run_worker(case, "reference", device, args)
-            raw += [msda_result, ref_result]
-            rows.append(compare(msda_result, ref_result, args.threads, peaks))
+            raw.append(run_worker(case, "msda", device, args))
+            raw.append(run_worker(case, "reference", device, args))
 
     report = {
         "started_utc": started.isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - t0,
         "load_average_at_end": os.getloadavg(),
         "settings": {
-            "command": "python benchmarks/run_all.py " + " ".join(map(shlex.quote, argv if argv is not None
-                                                                          else sys.argv[1:])),
+            "command": " ".join(["python benchmarks/run_all.py",
+                                 *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
             "quick": args.quick, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
             "reference_repeats": args.reference_repeats, "module_reference_repeats": args.module_reference_repeats,
             "reference_warmup": args.reference_warmup, "reference_scaling": args.reference_scaling,
@@ -174,21 +178,35 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": machine,
         "peaks": peaks,
-        "flop_formula": "forward = 10*N*Lq*M*L*P*D; forward+backward = 3 * forward",
-        "rows": rows,
-        "targets": check_targets(rows),
         "raw": raw,
     }
-    json_path = os.path.join(args.out, "benchmark.json")
-    md_path = os.path.join(args.out, "benchmark.md")
-    png_path = os.path.join(args.out, "speedup.png")
+    write_outputs(report, args.out)
+    return 0
+
+
+def write_outputs(report: dict[str, Any], out: str) -> None:
+    """Derive rows and target verdicts from the raw measurements; write JSON, markdown and plot."""
+    raw, threads = report["raw"], report["settings"]["threads"]
+    rows = []
+    for result in raw:
+        if result["impl"] != "msda":
+            continue
+        ref = next((r for r in raw if r["impl"] == "reference" and r["case"] == result["case"]
+                    and r["device"] == result["device"]), None)
+        rows.append(compare(result, ref, threads, report["peaks"]))
+    report["flop_formula"] = "forward = 10*N*Lq*M*L*P*D; forward+backward = 3 * forward"
+    report["rows"] = rows
+    report["targets"] = check_targets(rows)
+    json_path = os.path.join(out, "benchmark.json")
+    md_path = os.path.join(out, "benchmark.md")
+    png_path = os.path.join(out, "speedup.png")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     text = markdown(report)
     with open(md_path, "w") as f:
         f.write(text)
-    title = f"msda vs grid_sample reference, {machine['cpu_model']}, {args.threads} threads"
-    plot_speedups(rows, png_path, title + (" (--quick)" if args.quick else ""))
+    title = f"msda vs grid_sample reference, {report['machine']['cpu_model']}, {threads} threads"
+    plot_speedups(rows, png_path, title + (" (--quick)" if report["settings"]["quick"] else ""))
     print()
     print(text)
     print(f"wrote {json_path}, {md_path}, {png_path}")
