@@ -1,12 +1,12 @@
 // CPU kernels of msda::ms_deform_attn_forward / _backward.
 //
-// Forward: one item per (n, m, q), in head-major order; the geometry of the
+// Forward: one item per (n, q, m), in memory order; the geometry of the
 // L*P points is computed once, then each block of channels accumulates all
 // points and corners in float32 (float64 for double) vector registers.
 //
 // Backward, deterministic without atomics: the work is cut into tasks
-// (n, m, channel block), fixed by the shapes alone. A task owns the slice
-// grad_value[n, :, m, block] outright and walks all queries in order, so every
+// (n, head group, channel block), fixed by the shapes alone. A task owns the
+// slice grad_value[n, :, group, block] outright and walks all queries in order, so every
 // sum is taken in the same order whatever the thread count. Location and
 // weight gradients need a sum over all channels: each block writes its partial
 // sums, combined afterwards in block order. Splitting channels into blocks is
@@ -56,6 +56,14 @@ Layout make_layout(const Problem& p, const at::Tensor& spatial_shapes, const at:
   return layout;
 }
 
+// How many queries ahead the backward prefetches its per-query arrays.
+constexpr int64_t kPrefetchAhead = 4;
+
+inline void prefetch_range(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+}
+
 // The sampled points of one (query, head): for each, its four corner rows
 // (a zero row for corners outside the map) and their weights times the
 // attention weight. Computed once, then reused for every channel.
@@ -85,6 +93,12 @@ struct HeadPoints {
         ++count;
       }
     }
+  }
+
+  // Ask for the first `bytes` of every corner row, so that the rows of the
+  // next item load while this one is being computed.
+  void prefetch(int64_t bytes) const {
+    for (int64_t i = 0; i < 4 * count; ++i) prefetch_range(corner[i], bytes);
   }
 };
 
@@ -136,20 +150,30 @@ void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<
   const int64_t row_stride = p.M * p.D;
   // About 8k corner-channel products per grain keeps scheduling overhead small.
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, p.L * p.P * 4 * p.D));
-  // Head-major order (n, m, q): consecutive items read the same head's slice
-  // of value, a working set 1/M the size of all heads', which stays in cache
-  // as the queries sweep over the maps.
+  // Items in memory order (n, q, m): locations, weights and outputs stream
+  // contiguously. (Head-major order, which shrinks the working set of value,
+  // measured 1.5x slower here: the strided reads of locations cost more.)
   at::parallel_for(0, p.N * p.M * p.Lq, grain, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
-    HeadPoints<scalar_t, acc_t> pts(p.L * p.P);
+    // Software pipeline: the geometry of item + 1 is computed, and its corner
+    // rows prefetched, before item is sampled.
+    HeadPoints<scalar_t, acc_t> current(p.L * p.P), next(p.L * p.P);
     alignas(64) acc_t buffer[kBlock];
+    const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
+    auto gather = [&](int64_t item, HeadPoints<scalar_t, acc_t>& pts) {
+      const int64_t m = item % p.M;
+      const int64_t n = item / p.M / p.Lq;
+      pts.gather(layout, loc, attn, item * p.L * p.P, value + n * p.S * row_stride + m * p.D, zeros.data());
+    };
+    gather(begin, current);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t q = item % p.Lq;
-      const int64_t m = (item / p.Lq) % p.M;
-      const int64_t n = item / (p.Lq * p.M);
-      const int64_t row = n * p.Lq + q;
-      const scalar_t* head = value + n * p.S * row_stride + m * p.D;
-      pts.gather(layout, loc, attn, (row * p.M + m) * p.L * p.P, head, zeros.data());
+      if (item + 1 < end) {
+        gather(item + 1, next);
+        next.prefetch(prefetch_bytes);
+      }
+      const HeadPoints<scalar_t, acc_t>& pts = current;
+      const int64_t m = item % p.M;
+      const int64_t row = item / p.M;
       scalar_t* o = out + (row * p.M + m) * p.D;
       int64_t c = 0;
       for (; c + kBlock <= p.D; c += kBlock) {
@@ -164,6 +188,7 @@ void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<
         sample_tail(pts, c, p.D, buffer);
         for (int64_t j = c; j < p.D; ++j) o[j] = static_cast<scalar_t>(buffer[j - c]);
       }
+      std::swap(current, next);
     }
   });
 }
@@ -216,23 +241,29 @@ inline void backward_corners(const acc_t* go, const scalar_t* const v[4], acc_t*
   }
 }
 
-// How many channel blocks the backward uses: a function of the shapes only
-// (never of the thread count), so results are bitwise reproducible. Aim for
-// at least kTargetTasks tasks, but keep blocks at least kMinBlock channels wide
-// so that the location arithmetic is shared by enough channels.
-struct ChannelBlocks {
-  int64_t count, width;
+// How the backward cuts its work into tasks (n, head group, channel block).
+// A function of the shapes only (never of the thread count), so results are
+// bitwise reproducible. A task walks the queries in order and, for each, the
+// heads of its group: with several heads per group the reads of locations,
+// weights and grad_output are contiguous runs instead of 1/M-strided ones.
+// Groups and blocks shrink until there are at least kTargetTasks tasks
+// (blocks stay at least kMinBlock channels wide, to share the location
+// arithmetic), which is what keeps both cores busy when N*M is small.
+struct WorkSplit {
+  int64_t heads_per_group, groups, block_count, block_width;
 };
-ChannelBlocks channel_blocks(const Problem& p) {
-  constexpr int64_t kTargetTasks = 32, kMinBlock = 32, kAlign = 16;
-  const int64_t heads = std::max<int64_t>(1, p.N * p.M);
-  const int64_t wanted = (kTargetTasks + heads - 1) / heads;
+WorkSplit work_split(const Problem& p) {
+  constexpr int64_t kTargetTasks = 4, kMinBlock = 32, kAlign = 16;
+  const int64_t N = std::max<int64_t>(1, p.N), M = std::max<int64_t>(1, p.M);
+  int64_t heads = M;  // heads per group
+  while (heads > 1 && N * ((M + heads - 1) / heads) < kTargetTasks) heads = (heads + 1) / 2;
+  const int64_t groups = (M + heads - 1) / heads;
+  const int64_t wanted = (kTargetTasks + N * groups - 1) / (N * groups);
   const int64_t most = std::max<int64_t>(1, p.D / kMinBlock);
   const int64_t count = std::max<int64_t>(1, std::min(wanted, most));
   int64_t width = (p.D + count - 1) / count;
-  width = std::min(p.D, (width + kAlign - 1) / kAlign * kAlign);
-  width = std::max<int64_t>(width, 1);
-  return {(p.D + width - 1) / width, width};
+  width = std::max<int64_t>(1, std::min(p.D, (width + kAlign - 1) / kAlign * kAlign));
+  return {heads, groups, (p.D + width - 1) / width, width};
 }
 
 template <typename scalar_t>
@@ -243,60 +274,78 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   const Problem& p = layout.p;
   const int64_t row_stride = p.M * p.D;
   const int64_t points = p.N * p.Lq * p.M * p.L * p.P;
-  const ChannelBlocks blocks = channel_blocks(p);
+  const WorkSplit split = work_split(p);
+  const int64_t blocks = split.block_count;
   // With one block the sums go straight to the outputs; otherwise each block
   // writes (attn, x, y) partial sums, combined below in block order.
-  std::vector<acc_t> partial(blocks.count > 1 ? blocks.count * points * 3 : 0);
+  std::vector<acc_t> partial(blocks > 1 ? blocks * points * 3 : 0);
 
-  at::parallel_for(0, p.N * p.M * blocks.count, 1, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zeros(blocks.width, scalar_t(0));
-    std::vector<acc_t> sink(blocks.width);  // grad_value writes of corners outside the map land here
+  at::parallel_for(0, p.N * split.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
+    std::vector<acc_t> sink(split.block_width);  // grad_value writes of corners outside the map land here
     BilinearSample<acc_t> s;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task % blocks.count;
-      const int64_t m = (task / blocks.count) % p.M;
-      const int64_t n = task / (blocks.count * p.M);
-      const int64_t c0 = block * blocks.width;
-      const int64_t width = std::min(blocks.width, p.D - c0);
-      const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
-      const scalar_t* head = value + head_offset;
-      acc_t* grad_head = grad_value + head_offset;
+      const int64_t block = task % blocks;
+      const int64_t group = (task / blocks) % split.groups;
+      const int64_t n = task / (blocks * split.groups);
+      const int64_t c0 = block * split.block_width;
+      const int64_t width = std::min(split.block_width, p.D - c0);
+      const int64_t m_begin = group * split.heads_per_group;
+      const int64_t m_end = std::min(p.M, m_begin + split.heads_per_group);
       for (int64_t q = 0; q < p.Lq; ++q) {
-        const acc_t* go = grad_out + ((n * p.Lq + q) * p.M + m) * p.D + c0;
-        const int64_t point0 = ((n * p.Lq + q) * p.M + m) * p.L * p.P;
-        for (int64_t l = 0; l < p.L; ++l) {
-          for (int64_t pt = 0; pt < p.P; ++pt) {
-            const int64_t idx = point0 + l * p.P + pt;
-            acc_t g_attn = 0, g_x = 0, g_y = 0;
-            if (locate<acc_t>(loc[2 * idx], loc[2 * idx + 1], layout.H[l], layout.W[l], layout.start[l], s)) {
-              const acc_t a = attn[idx];
-              const scalar_t* v[4];
-              acc_t* g[4];
-              acc_t scale[4], dot[4];
-              for (int k = 0; k < 4; ++k) {
-                const bool inside = s.row[k] >= 0;
-                v[k] = inside ? head + s.row[k] * row_stride : zeros.data();
-                g[k] = inside ? grad_head + s.row[k] * row_stride : sink.data();
-                scale[k] = a * s.weight[k];
+        if (q + kPrefetchAhead < p.Lq) {
+          // Each task reads its heads' slices of the per-query arrays, strided
+          // by the other heads': fetch a few queries ahead so they arrive in time.
+          const int64_t ahead = (n * p.Lq + q + kPrefetchAhead) * p.M + m_begin;
+          const int64_t runs = (m_end - m_begin) * p.L * p.P;
+          prefetch_range(loc + 2 * ahead * p.L * p.P, 2 * runs * sizeof(acc_t));
+          prefetch_range(attn + ahead * p.L * p.P, runs * sizeof(acc_t));
+          prefetch_range(grad_out + ahead * p.D + c0, (m_end - m_begin) * p.D * sizeof(acc_t));
+          if (blocks == 1) {
+            prefetch_range(grad_loc + 2 * ahead * p.L * p.P, 2 * runs * sizeof(acc_t));
+            prefetch_range(grad_attn + ahead * p.L * p.P, runs * sizeof(acc_t));
+          }
+        }
+        for (int64_t m = m_begin; m < m_end; ++m) {
+          const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
+          const scalar_t* head = value + head_offset;
+          acc_t* grad_head = grad_value + head_offset;
+          const acc_t* go = grad_out + ((n * p.Lq + q) * p.M + m) * p.D + c0;
+          const int64_t point0 = ((n * p.Lq + q) * p.M + m) * p.L * p.P;
+          for (int64_t l = 0; l < p.L; ++l) {
+            for (int64_t pt = 0; pt < p.P; ++pt) {
+              const int64_t idx = point0 + l * p.P + pt;
+              acc_t g_attn = 0, g_x = 0, g_y = 0;
+              if (locate<acc_t>(loc[2 * idx], loc[2 * idx + 1], layout.H[l], layout.W[l], layout.start[l], s)) {
+                const acc_t a = attn[idx];
+                const scalar_t* v[4];
+                acc_t* g[4];
+                acc_t scale[4], dot[4];
+                for (int k = 0; k < 4; ++k) {
+                  const bool inside = s.row[k] >= 0;
+                  v[k] = inside ? head + s.row[k] * row_stride : zeros.data();
+                  g[k] = inside ? grad_head + s.row[k] * row_stride : sink.data();
+                  scale[k] = a * s.weight[k];
+                }
+                backward_corners<scalar_t, acc_t>(go, v, g, scale, width, dot);
+                // sample = sum_k weight[k] * v[k]; the weights are bilinear in (fx, fy).
+                g_attn = s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] + s.weight[3] * dot[3];
+                const acc_t gx = (acc_t(1) - s.fy) * (dot[1] - dot[0]) + s.fy * (dot[3] - dot[2]);
+                const acc_t gy = (acc_t(1) - s.fx) * (dot[2] - dot[0]) + s.fx * (dot[3] - dot[1]);
+                // d x / d loc_x = W and d y / d loc_y = H.
+                g_x = a * gx * static_cast<acc_t>(layout.W[l]);
+                g_y = a * gy * static_cast<acc_t>(layout.H[l]);
               }
-              backward_corners<scalar_t, acc_t>(go, v, g, scale, width, dot);
-              // sample = sum_k weight[k] * v[k]; the weights are bilinear in (fx, fy).
-              g_attn = s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] + s.weight[3] * dot[3];
-              const acc_t gx = (acc_t(1) - s.fy) * (dot[1] - dot[0]) + s.fy * (dot[3] - dot[2]);
-              const acc_t gy = (acc_t(1) - s.fx) * (dot[2] - dot[0]) + s.fx * (dot[3] - dot[1]);
-              // d x / d loc_x = W and d y / d loc_y = H.
-              g_x = a * gx * static_cast<acc_t>(layout.W[l]);
-              g_y = a * gy * static_cast<acc_t>(layout.H[l]);
-            }
-            if (blocks.count == 1) {
-              grad_attn[idx] = g_attn;
-              grad_loc[2 * idx] = g_x;
-              grad_loc[2 * idx + 1] = g_y;
-            } else {
-              acc_t* part = partial.data() + (block * points + idx) * 3;
-              part[0] = g_attn;
-              part[1] = g_x;
-              part[2] = g_y;
+              if (blocks == 1) {
+                grad_attn[idx] = g_attn;
+                grad_loc[2 * idx] = g_x;
+                grad_loc[2 * idx + 1] = g_y;
+              } else {
+                acc_t* part = partial.data() + (block * points + idx) * 3;
+                part[0] = g_attn;
+                part[1] = g_x;
+                part[2] = g_y;
+              }
             }
           }
         }
@@ -304,11 +353,11 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
     }
   });
 
-  if (blocks.count > 1) {
+  if (blocks > 1) {
     at::parallel_for(0, points, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         acc_t sums[3] = {0, 0, 0};
-        for (int64_t b = 0; b < blocks.count; ++b) {
+        for (int64_t b = 0; b < blocks; ++b) {
           const acc_t* part = partial.data() + (b * points + idx) * 3;
           sums[0] += part[0];
           sums[1] += part[1];
