@@ -37,7 +37,7 @@ def load_emulation(csrc: str | None = None, verbose: bool = False) -> ModuleType
         sources=[os.path.join(HERE, "emulated_ops.cpp")],
         extra_include_paths=[csrc, HERE],
         # -O1 keeps the build short; the emulation's speed is in its fibers.
-        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"],  # "#pragma unroll"
         build_directory=build_dir,
         verbose=verbose,
     )
