@@ -23,8 +23,8 @@ from test_op_vs_reference import DTYPE_COMBINATIONS, problems
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
 from build import load_emulation  # noqa: E402
 
-# Fewer examples than the CPU tests: every CUDA thread is a fiber here.
-EXAMPLES = int(os.environ.get("MSDA_EMULATION_EXAMPLES", "12"))
+# As many examples as the CPU kernel tests; MSDA_EMULATION_EXAMPLES changes it.
+EXAMPLES = int(os.environ.get("MSDA_EMULATION_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
