@@ -103,7 +103,7 @@ def apply(bug: Bug, csrc: str) -> None:
 
 
 def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
-    """Return (outcome, seconds, last line): outcome 'passed', 'failed', 'build error' or 'timeout'."""
+    """Return (outcome, seconds, last line): 'passed', 'failed', 'crashed', 'build error' or 'timeout'."""
     env = dict(os.environ, MSDA_EMULATION_CSRC=csrc, MSDA_CACHE_DIR=cache, CI=os.environ.get("CI", "true"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
@@ -119,6 +119,8 @@ def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
     last = failed_lines[0] if failed_lines else (out.strip().splitlines() or [""])[-1]
     if proc.returncode == 0:
         return "passed", seconds, last
+    if proc.returncode < 0:  # e.g. SIGSEGV from an out-of-bounds access
+        return "crashed", seconds, f"killed by signal {-proc.returncode}"
     if "Error building extension" in out:
         return "build error", seconds, last
     return "failed", seconds, last
@@ -155,7 +157,7 @@ def main() -> int:
             csrc, cache = fresh_csrc(f"bug{i}")
             apply(bug, csrc)
             outcome, seconds, last = run_tests(csrc, cache, args.timeout)
-            verdict = {"failed": "caught", "passed": "MISSED"}.get(outcome, outcome)
+            verdict = {"failed": "caught", "crashed": "caught (crash)", "passed": "MISSED"}.get(outcome, outcome)
             rows.append((bug, verdict, seconds, last))
             print(f"{verdict:12} {seconds:5.0f} s  {bug.kind:22} {bug.name}\n{'':20}{last[:150]}", flush=True)
             shutil.rmtree(os.path.join(tmp, f"bug{i}"), ignore_errors=True)
@@ -163,7 +165,7 @@ def main() -> int:
     print("\n| bug | kind | result |\n|---|---|---|")
     for bug, verdict, seconds, _ in rows:
         print(f"| {bug.name} | {bug.kind} | {verdict} ({seconds:.0f} s) |")
-    missed = [r for r in rows if r[1] != "caught"]
+    missed = [r for r in rows if not r[1].startswith("caught")]
     print(f"\n{len(rows) - len(missed)} of {len(rows)} bugs caught")
     return 1 if missed else 0
 
