@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The main job: installs what it needs (scripts/setup_env.sh), then checks the
-# compiled kernels against the reference and reports the speedup.
-# Extra arguments go to the demo.
+# The main job: installs what it needs (scripts/setup_env.sh), then trains a
+# small Deformable DETR from scratch on built-in synthetic shapes (about 4
+# minutes on 2 CPU cores), evaluates it with COCO AP, saves a picture of its
+# detections, and prints how much faster msda's kernels made a training step
+# than the reference op. Extra arguments go to the demo (e.g. --steps 600).
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 cd "$MSDA_ROOT"
-python benchmarks/quick_check.py "$@"
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other
+# work, spinning threads made a training step 50x slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+python benchmarks/quick_check.py
+python -m examples.deformable_detr.demo "$@"
