@@ -1,7 +1,7 @@
 """End-to-end inference latency of the full Deformable DETR (R50, multi-scale) at 800x1333:
 msda's compiled kernels against the pure-PyTorch reference op, in the same run.
 
-    PYTHONPATH=src python benchmarks/detr_inference.py [--repeats 3] [--device cpu]
+    python benchmarks/detr_inference.py [--repeats 3] [--device cpu]
 
 Both configurations run the same model and input; the reference one routes every
 MSDeformAttn through ``msda.ms_deform_attn_reference``. Runs alternate between the two so that

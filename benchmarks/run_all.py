@@ -1,8 +1,8 @@
 """Runs the whole benchmark suite: msda's kernels against the grid_sample reference.
 
-    PYTHONPATH=src python benchmarks/run_all.py                 # full run (about 7 minutes on 2 cores)
-    PYTHONPATH=src python benchmarks/run_all.py --quick         # smoke run on tiny shapes
-    PYTHONPATH=src python benchmarks/run_all.py --only encoder_n1 decoder --repeats 7
+    python benchmarks/run_all.py                 # full run (about 7 minutes on 2 cores)
+    python benchmarks/run_all.py --quick         # smoke run on tiny shapes
+    python benchmarks/run_all.py --only encoder_n1 decoder --repeats 7
 
 Every (case, implementation, device) runs in its own process (worker.py), so
 that each peak-memory figure starts from a clean process. msda and the

@@ -20,10 +20,13 @@ pytest.importorskip("matplotlib")
 
 
 def test_quick_run_writes_results(tmp_path):
+    # The suite must benchmark the very msda these tests import (the installed
+    # package in CI, an in-place build in development), not a bare source tree.
+    import msda
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH", "")) if p
-    )
+    msda_parent = os.path.dirname(os.path.dirname(os.path.abspath(msda.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (msda_parent, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, RUN_ALL, "--quick", "--no-cuda", "--out", str(tmp_path),
            "--only", "encoder_n1", "decoder", "module_layer"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
