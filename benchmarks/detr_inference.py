@@ -26,22 +26,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import msda  # noqa: E402
-import msda.module  # noqa: E402
 from msda import _extension  # noqa: E402
 
 from examples.deformable_detr.configs import config_for_variant  # noqa: E402
 from examples.deformable_detr.deformable_detr import build_model  # noqa: E402
-
-
-@contextlib.contextmanager
-def reference_op():
-    """Route msda.MSDeformAttn through the pure-PyTorch reference for the duration."""
-    original = msda.module.ms_deform_attn
-    msda.module.ms_deform_attn = msda.ms_deform_attn_reference
-    try:
-        yield
-    finally:
-        msda.module.ms_deform_attn = original
+from examples.deformable_detr.reference_op import reference_op  # noqa: E402
 
 
 def machine() -> dict:

@@ -25,25 +25,24 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import contextlib
 import copy
 import json
 import math
 import platform
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
 
 import msda
-import msda.module
 from msda import _extension
 
 from .configs import VARIANTS, DetrConfig, config_for_variant
 from .data import SHAPES, SyntheticSpec, build_dataset, collate_fn, ensure_synthetic_dataset
 from .deformable_detr import build_model
+from .reference_op import reference_op
 from .draw import draw_detections
 from .engine import evaluate, move_targets, train_one_epoch
 from .losses import total_loss
@@ -72,17 +71,6 @@ def demo_config(variant: str, num_classes: int, **overrides: Any) -> DetrConfig:
         input_proj_groups=16,
     )
     return config_for_variant(variant, **{**small, **overrides})
-
-
-@contextlib.contextmanager
-def reference_op() -> Iterator[None]:
-    """Route every ``msda.MSDeformAttn`` through ``msda.ms_deform_attn_reference``."""
-    original = msda.module.ms_deform_attn
-    msda.module.ms_deform_attn = msda.ms_deform_attn_reference
-    try:
-        yield
-    finally:
-        msda.module.ms_deform_attn = original
 
 
 def time_training_steps(model: torch.nn.Module, criterion: Any, batch: tuple, steps: int, lr: float) -> float:
