@@ -371,29 +371,35 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   }
 }
 
-// Checks arguments and returns the sizes; value-reading checks run here
-// because these tensors are on the CPU.
-Problem check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                  const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+// The arguments checked and made ready for the kernels: value contiguous,
+// locations and weights in the accumulation type, the level table copied out.
+// The value-reading checks run here because these tensors are on the CPU.
+struct KernelInputs {
+  Layout layout;
+  at::ScalarType acc;
+  at::Tensor value, loc, attn;
+};
+
+KernelInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                            const at::Tensor& attention_weights) {
   const Problem p = check_arguments(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_level_values(spatial_shapes, level_start_index, p.S);
-  return p;
+  const auto acc = accumulate_type(value.scalar_type());
+  return {make_layout(p, spatial_shapes, level_start_index), acc, value.contiguous(),
+          sampling_locations.to(acc).contiguous(), attention_weights.to(acc).contiguous()};
 }
 
 at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const Problem p = check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const Layout layout = make_layout(p, spatial_shapes, level_start_index);
-  const auto acc = accumulate_type(value.scalar_type());
-  const at::Tensor v = value.contiguous();
-  const at::Tensor loc = sampling_locations.to(acc).contiguous();
-  const at::Tensor attn = attention_weights.to(acc).contiguous();
+  const KernelInputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Problem& p = in.layout.p;
   at::Tensor out = at::empty({p.N, p.Lq, p.M * p.D}, value.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    forward_kernel<scalar_t>(layout, v.const_data_ptr<scalar_t>(), loc.const_data_ptr<acc_t>(),
-                             attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),
+                             in.attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -403,7 +409,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
                                                              const at::Tensor& sampling_locations,
                                                              const at::Tensor& attention_weights,
                                                              const at::Tensor& grad_output) {
-  const Problem p = check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const KernelInputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Problem& p = in.layout.p;
   const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
                     shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
@@ -411,22 +418,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
                     grad_output.scalar_type());
   TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
                     value.device(), "), got ", grad_output.device());
-  const Layout layout = make_layout(p, spatial_shapes, level_start_index);
-  const auto acc = accumulate_type(value.scalar_type());
-  const at::Tensor v = value.contiguous();
-  const at::Tensor loc = sampling_locations.to(acc).contiguous();
-  const at::Tensor attn = attention_weights.to(acc).contiguous();
-  const at::Tensor go = grad_output.to(acc).contiguous();
+  const at::Tensor go = grad_output.to(in.acc).contiguous();
   // grad_value accumulates in the accumulation type and is cast at the end
   // (a no-op for float32 and float64).
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc));
-  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), loc.options());
-  at::Tensor grad_attn = at::empty(attention_weights.sizes(), attn.options());
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(in.acc));
+  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), in.loc.options());
+  at::Tensor grad_attn = at::empty(attention_weights.sizes(), in.attn.options());
   if (p.N * p.Lq * p.M * p.L * p.P > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      backward_kernel<scalar_t>(layout, v.const_data_ptr<scalar_t>(), loc.const_data_ptr<acc_t>(),
-                                attn.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(),
+      backward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),
+                                in.attn.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(),
                                 grad_value.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
                                 grad_attn.mutable_data_ptr<acc_t>());
     });
