@@ -8,6 +8,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
+
 namespace msda::cpu {
 
 template <typename scalar_t>
@@ -43,6 +45,13 @@ struct VecLoad<double> {
   static inline Vec load(const double* p) { return Vec::loadu(p); }
 };
 
+// Vector registers the compiler can allocate: how many accumulators fit.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+
 // Sum of a vector's lanes in a fixed order (bitwise reproducible).
 template <typename Vec, typename acc_t>
 inline acc_t lane_sum(const Vec& v) {
@@ -51,6 +60,31 @@ inline acc_t lane_sum(const Vec& v) {
   acc_t total = 0;
   for (int i = 0; i < Vec::size(); ++i) total += lanes[i];
   return total;
+}
+
+// The four lane sums of d[0..3], each in a fixed order (bitwise reproducible).
+template <typename Vec, typename acc_t>
+inline void lane_sums4(const Vec d[4], acc_t out[4]) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // Fold each 16-lane vector to 8 lanes first.
+    __m256 h[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v = d[k];
+      h[k] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    }
+#else
+    const __m256 h[4] = {d[0], d[1], d[2], d[3]};
+#endif
+    const __m256 h01 = _mm256_hadd_ps(h[0], h[1]);  // pairs of d0 and d1 lanes
+    const __m256 h23 = _mm256_hadd_ps(h[2], h[3]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23);  // [d0 d1 d2 d3] of each 128-bit half
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h0123), _mm256_extractf128_ps(h0123, 1)));
+    return;
+  }
+#endif
+  for (int k = 0; k < 4; ++k) out[k] = lane_sum<Vec, acc_t>(d[k]);
 }
 
 }  // namespace msda::cpu

@@ -1,0 +1,255 @@
+// CPU backward of msda::ms_deform_attn_backward, deterministic without atomics.
+//
+// The work is cut into tasks (n, head group, channel block), fixed by the
+// shapes alone. A task owns the slice grad_value[n, :, group, block] outright
+// and walks all queries in order, so every sum is taken in the same order
+// whatever the thread count. Location and weight gradients need a sum over all
+// channels: each block writes its partial sums, combined afterwards in block
+// order. Splitting channels into blocks is what keeps both cores busy when
+// N*M is small (N 1, M 1, D 256).
+//
+// Per item (n, q, m) and block: the geometry of the L*P points (vectorised
+// over points), then per point one pass over the block's channels that both
+// scatters into grad_value and takes the four corner dot products with
+// grad_output, then the location and weight gradients of all points at once
+// (vectorised again).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/geometry.h"
+#include "cpu/layout.h"
+#include "cpu/vec_ops.h"
+
+namespace msda::cpu {
+
+// How many queries ahead the backward prefetches its per-query arrays.
+constexpr int64_t kPrefetchAhead = 4;
+
+template <typename scalar_t, typename acc_t>
+struct BackwardItem {
+  ItemGeometry<acc_t> geometry;
+  std::vector<uintptr_t> corner[4];       // value row slices (a zero row outside the map)
+  std::vector<uintptr_t> grad_corner[4];  // grad_value row slices (a scratch row outside the map)
+  std::vector<acc_t> dot[4];              // grad_output . corner value, over the block's channels
+
+  explicit BackwardItem(int64_t points) : geometry(points) {
+    for (int k = 0; k < 4; ++k) {
+      corner[k].resize(points);
+      grad_corner[k].resize(points);
+      dot[k].resize(points);
+    }
+  }
+
+  void compute(const PointLevels<acc_t>& levels, const acc_t* loc, const acc_t* attn, const scalar_t* head,
+               acc_t* grad_head, int64_t row_stride, const scalar_t* zeros, acc_t* scratch) {
+    geometry.compute(levels, loc, attn);
+    corner_addresses(geometry.row, geometry.count, head, row_stride, zeros, corner);
+    corner_addresses(geometry.row, geometry.count, static_cast<const acc_t*>(grad_head), row_stride,
+                     static_cast<const acc_t*>(scratch), grad_corner);
+  }
+
+  const scalar_t* value_row(int k, int64_t i) const { return reinterpret_cast<const scalar_t*>(corner[k][i]); }
+  acc_t* grad_row(int k, int64_t i) const { return reinterpret_cast<acc_t*>(grad_corner[k][i]); }
+};
+
+// For every sampled point of the item, over channels [0, kVecs * Vec::size()):
+//   dot[k] = sum_c go[c] * value_k[c]      (the point's gradient pieces)
+//   grad_k[c] += scaled[k] * go[c]         (the grad_value scatter)
+// grad_output stays in registers for all points. kVecs = 0 means any width
+// n, in vector steps and then one channel at a time.
+template <int kVecs, typename scalar_t, typename acc_t>
+inline void scatter_and_dot(BackwardItem<scalar_t, acc_t>& it, const acc_t* go, int64_t n) {
+  using Load = VecLoad<scalar_t>;
+  using Vec = typename Load::Vec;
+  const ItemGeometry<acc_t>& g = it.geometry;
+  constexpr int kHeld = kVecs > 0 ? kVecs : 1;
+  Vec go_held[kHeld];
+  if constexpr (kVecs > 0) {
+    for (int j = 0; j < kVecs; ++j) go_held[j] = Vec::loadu(go + j * Vec::size());
+  }
+  for (int64_t i = 0; i < g.count; ++i) {
+    if (g.row[0][i] < 0 && g.row[1][i] < 0 && g.row[2][i] < 0 && g.row[3][i] < 0) {
+      // No sample: every gradient of this point is zero.
+      for (int k = 0; k < 4; ++k) it.dot[k][i] = acc_t(0);
+      continue;
+    }
+    const scalar_t* v[4] = {it.value_row(0, i), it.value_row(1, i), it.value_row(2, i), it.value_row(3, i)};
+    acc_t* gr[4] = {it.grad_row(0, i), it.grad_row(1, i), it.grad_row(2, i), it.grad_row(3, i)};
+    const Vec s[4] = {Vec(g.scaled[0][i]), Vec(g.scaled[1][i]), Vec(g.scaled[2][i]), Vec(g.scaled[3][i])};
+    Vec d[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
+    acc_t dots[4];
+    if constexpr (kVecs > 0) {
+      for (int j = 0; j < kVecs; ++j) {
+        const int64_t c = j * Vec::size();
+        for (int k = 0; k < 4; ++k) {
+          d[k] = at::vec::fmadd(go_held[j], Load::load(v[k] + c), d[k]);
+          at::vec::fmadd(s[k], go_held[j], Vec::loadu(gr[k] + c)).store(gr[k] + c);
+        }
+      }
+      lane_sums4<Vec, acc_t>(d, dots);
+    } else {
+      int64_t c = 0;
+      for (; c + Vec::size() <= n; c += Vec::size()) {
+        const Vec gov = Vec::loadu(go + c);
+        for (int k = 0; k < 4; ++k) {
+          d[k] = at::vec::fmadd(gov, Load::load(v[k] + c), d[k]);
+          at::vec::fmadd(s[k], gov, Vec::loadu(gr[k] + c)).store(gr[k] + c);
+        }
+      }
+      lane_sums4<Vec, acc_t>(d, dots);
+      for (; c < n; ++c) {
+        const acc_t goc = go[c];
+        for (int k = 0; k < 4; ++k) {
+          dots[k] += goc * static_cast<acc_t>(v[k][c]);
+          gr[k][c] += g.scaled[k][i] * goc;
+        }
+      }
+    }
+    for (int k = 0; k < 4; ++k) it.dot[k][i] = dots[k];
+  }
+}
+
+// Location and weight gradients of all the item's points from their dot
+// products (the sample is sum_k weight[k] * value_k, bilinear in (fx, fy)).
+// Writes (attn, x, y) gradients to out_attn[i], out_loc[2i], out_loc[2i+1].
+template <typename scalar_t, typename acc_t>
+inline void point_gradients(const BackwardItem<scalar_t, acc_t>& it, const PointLevels<acc_t>& levels,
+                            acc_t* __restrict out_attn, acc_t* __restrict out_loc, int64_t attn_stride,
+                            int64_t loc_stride) {
+  const ItemGeometry<acc_t>& g = it.geometry;
+  const acc_t* __restrict d0 = it.dot[0].data();
+  const acc_t* __restrict d1 = it.dot[1].data();
+  const acc_t* __restrict d2 = it.dot[2].data();
+  const acc_t* __restrict d3 = it.dot[3].data();
+  for (int64_t i = 0; i < g.count; ++i) {
+    const acc_t fx = g.fx[i], fy = g.fy[i], a = g.attn[i];
+    const acc_t g_attn = g.weight[0][i] * d0[i] + g.weight[1][i] * d1[i] + g.weight[2][i] * d2[i] +
+                         g.weight[3][i] * d3[i];
+    const acc_t gx = (acc_t(1) - fy) * (d1[i] - d0[i]) + fy * (d3[i] - d2[i]);
+    const acc_t gy = (acc_t(1) - fx) * (d2[i] - d0[i]) + fx * (d3[i] - d1[i]);
+    out_attn[i * attn_stride] = g_attn;
+    // d x / d loc_x = W and d y / d loc_y = H.
+    out_loc[i * loc_stride] = a * gx * levels.width[i];
+    out_loc[i * loc_stride + 1] = a * gy * levels.height[i];
+  }
+}
+
+// How the backward cuts its work into tasks (n, head group, channel block).
+// A function of the shapes only (never of the thread count), so results are
+// bitwise reproducible. A task walks the queries in order and, for each, the
+// heads of its group: with several heads per group the reads of locations,
+// weights and grad_output are contiguous runs instead of 1/M-strided ones.
+// Groups and blocks shrink until there are at least kTargetTasks tasks
+// (blocks stay at least kMinBlock channels wide, to share the location
+// arithmetic), which is what keeps both cores busy when N*M is small.
+struct WorkSplit {
+  int64_t heads_per_group, groups, block_count, block_width;
+};
+inline WorkSplit work_split(const Problem& p) {
+  constexpr int64_t kTargetTasks = 4, kMinBlock = 32, kAlign = 16;
+  const int64_t N = std::max<int64_t>(1, p.N), M = std::max<int64_t>(1, p.M);
+  int64_t heads = M;  // heads per group
+  while (heads > 1 && N * ((M + heads - 1) / heads) < kTargetTasks) heads = (heads + 1) / 2;
+  const int64_t groups = (M + heads - 1) / heads;
+  const int64_t wanted = (kTargetTasks + N * groups - 1) / (N * groups);
+  const int64_t most = std::max<int64_t>(1, p.D / kMinBlock);
+  const int64_t count = std::max<int64_t>(1, std::min(wanted, most));
+  int64_t width = (p.D + count - 1) / count;
+  width = std::max<int64_t>(1, std::min(p.D, (width + kAlign - 1) / kAlign * kAlign));
+  return {heads, groups, (p.D + width - 1) / width, width};
+}
+
+template <typename scalar_t>
+void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                     const acc_type<scalar_t>* attn, const acc_type<scalar_t>* grad_out,
+                     acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename VecLoad<scalar_t>::Vec;
+  const Problem& p = layout.p;
+  const int64_t row_stride = p.M * p.D;
+  const int64_t points_per_item = p.L * p.P;
+  const int64_t points = p.N * p.Lq * p.M * points_per_item;
+  const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start);
+  const WorkSplit split = work_split(p);
+  const int64_t blocks = split.block_count;
+  // With one block the sums go straight to the outputs; otherwise each block
+  // writes (attn, x, y) partial sums, combined below in block order.
+  std::vector<acc_t> partial(blocks > 1 ? blocks * points * 3 : 0);
+
+  at::parallel_for(0, p.N * split.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
+    std::vector<acc_t> scratch(split.block_width);  // grad_value writes of corners outside the map land here
+    BackwardItem<scalar_t, acc_t> it(points_per_item);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % blocks;
+      const int64_t group = (task / blocks) % split.groups;
+      const int64_t n = task / (blocks * split.groups);
+      const int64_t c0 = block * split.block_width;
+      const int64_t width = std::min(split.block_width, p.D - c0);
+      const int64_t m_begin = group * split.heads_per_group;
+      const int64_t m_end = std::min(p.M, m_begin + split.heads_per_group);
+      for (int64_t q = 0; q < p.Lq; ++q) {
+        if (q + kPrefetchAhead < p.Lq) {
+          // Each task reads its heads' slices of the per-query arrays, strided
+          // by the other heads': fetch a few queries ahead so they arrive in time.
+          const int64_t ahead = (n * p.Lq + q + kPrefetchAhead) * p.M + m_begin;
+          const int64_t runs = (m_end - m_begin) * points_per_item;
+          prefetch_range(loc + 2 * ahead * points_per_item, 2 * runs * sizeof(acc_t));
+          prefetch_range(attn + ahead * points_per_item, runs * sizeof(acc_t));
+          prefetch_range(grad_out + ahead * p.D + c0, (m_end - m_begin) * p.D * sizeof(acc_t));
+          if (blocks == 1) {
+            prefetch_range(grad_loc + 2 * ahead * points_per_item, 2 * runs * sizeof(acc_t));
+            prefetch_range(grad_attn + ahead * points_per_item, runs * sizeof(acc_t));
+          }
+        }
+        for (int64_t m = m_begin; m < m_end; ++m) {
+          const int64_t item = (n * p.Lq + q) * p.M + m;
+          const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
+          it.compute(levels, loc + 2 * item * points_per_item, attn + item * points_per_item, value + head_offset,
+                     grad_value + head_offset, row_stride, zeros.data(), scratch.data());
+          const acc_t* go = grad_out + item * p.D + c0;
+          // Register-resident grad_output for the common widths.
+          if (width == 4 * Vec::size()) {
+            scatter_and_dot<4>(it, go, width);
+          } else if (width == 2 * Vec::size()) {
+            scatter_and_dot<2>(it, go, width);
+          } else if (width == Vec::size()) {
+            scatter_and_dot<1>(it, go, width);
+          } else {
+            scatter_and_dot<0>(it, go, width);
+          }
+          const int64_t idx = item * points_per_item;
+          if (blocks == 1) {
+            point_gradients(it, levels, grad_attn + idx, grad_loc + 2 * idx, 1, 2);
+          } else {
+            acc_t* part = partial.data() + (block * points + idx) * 3;
+            point_gradients(it, levels, part, part + 1, 3, 3);
+          }
+        }
+      }
+    }
+  });
+
+  if (blocks > 1) {
+    at::parallel_for(0, points, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        acc_t sums[3] = {0, 0, 0};
+        for (int64_t b = 0; b < blocks; ++b) {
+          const acc_t* part = partial.data() + (b * points + idx) * 3;
+          sums[0] += part[0];
+          sums[1] += part[1];
+          sums[2] += part[2];
+        }
+        grad_attn[idx] = sums[0];
+        grad_loc[2 * idx] = sums[1];
+        grad_loc[2 * idx + 1] = sums[2];
+      }
+    });
+  }
+}
+
+}  // namespace msda::cpu
