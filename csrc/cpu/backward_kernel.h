@@ -29,31 +29,21 @@ namespace msda::cpu {
 // How many queries ahead the backward prefetches its per-query arrays.
 constexpr int64_t kPrefetchAhead = 4;
 
+// The geometry of one item with two targets, value and grad_value, and the
+// four corner dot products of each point over the block's channels.
 template <typename scalar_t, typename acc_t>
 struct BackwardItem {
-  ItemGeometry<acc_t> geometry;
-  std::vector<uintptr_t> corner[4];       // value row slices (a zero row outside the map)
-  std::vector<uintptr_t> grad_corner[4];  // grad_value row slices (a scratch row outside the map)
-  std::vector<acc_t> dot[4];              // grad_output . corner value, over the block's channels
+  ItemGeometry<acc_t, 2> geometry;
+  std::vector<acc_t> dot[4];  // grad_output . corner value
 
   explicit BackwardItem(int64_t points) : geometry(points) {
-    for (int k = 0; k < 4; ++k) {
-      corner[k].resize(points);
-      grad_corner[k].resize(points);
-      dot[k].resize(points);
-    }
+    for (auto& d : dot) d.resize(points);
   }
 
-  void compute(const PointLevels<acc_t>& levels, const acc_t* loc, const acc_t* attn, const scalar_t* head,
-               acc_t* grad_head, int64_t row_stride, const scalar_t* zeros, acc_t* scratch) {
-    geometry.compute(levels, loc, attn);
-    corner_addresses(geometry.row, geometry.count, head, row_stride, zeros, corner);
-    corner_addresses(geometry.row, geometry.count, static_cast<const acc_t*>(grad_head), row_stride,
-                     static_cast<const acc_t*>(scratch), grad_corner);
+  const scalar_t* value_row(int k, int64_t i) const {
+    return reinterpret_cast<const scalar_t*>(geometry.address[0][k][i]);
   }
-
-  const scalar_t* value_row(int k, int64_t i) const { return reinterpret_cast<const scalar_t*>(corner[k][i]); }
-  acc_t* grad_row(int k, int64_t i) const { return reinterpret_cast<acc_t*>(grad_corner[k][i]); }
+  acc_t* grad_row(int k, int64_t i) const { return reinterpret_cast<acc_t*>(geometry.address[1][k][i]); }
 };
 
 // For every sampled point of the item, over channels [0, kVecs * Vec::size()):
@@ -65,14 +55,14 @@ template <int kVecs, typename scalar_t, typename acc_t>
 inline void scatter_and_dot(BackwardItem<scalar_t, acc_t>& it, const acc_t* go, int64_t n) {
   using Load = VecLoad<scalar_t>;
   using Vec = typename Load::Vec;
-  const ItemGeometry<acc_t>& g = it.geometry;
+  const auto& g = it.geometry;
   constexpr int kHeld = kVecs > 0 ? kVecs : 1;
   Vec go_held[kHeld];
   if constexpr (kVecs > 0) {
     for (int j = 0; j < kVecs; ++j) go_held[j] = Vec::loadu(go + j * Vec::size());
   }
   for (int64_t i = 0; i < g.count; ++i) {
-    if (g.row[0][i] < 0 && g.row[1][i] < 0 && g.row[2][i] < 0 && g.row[3][i] < 0) {
+    if (!g.sampled[i]) {
       // No sample: every gradient of this point is zero.
       for (int k = 0; k < 4; ++k) it.dot[k][i] = acc_t(0);
       continue;
@@ -120,7 +110,7 @@ template <typename scalar_t, typename acc_t>
 inline void point_gradients(const BackwardItem<scalar_t, acc_t>& it, const PointLevels<acc_t>& levels,
                             acc_t* __restrict out_attn, acc_t* __restrict out_loc, int64_t attn_stride,
                             int64_t loc_stride) {
-  const ItemGeometry<acc_t>& g = it.geometry;
+  const auto& g = it.geometry;
   const acc_t* __restrict d0 = it.dot[0].data();
   const acc_t* __restrict d1 = it.dot[1].data();
   const acc_t* __restrict d2 = it.dot[2].data();
@@ -209,8 +199,9 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
         for (int64_t m = m_begin; m < m_end; ++m) {
           const int64_t item = (n * p.Lq + q) * p.M + m;
           const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
-          it.compute(levels, loc + 2 * item * points_per_item, attn + item * points_per_item, value + head_offset,
-                     grad_value + head_offset, row_stride, zeros.data(), scratch.data());
+          const CornerTarget targets[2] = {corner_target(value + head_offset, row_stride, zeros.data()),
+                                           corner_target(grad_value + head_offset, row_stride, scratch.data())};
+          it.geometry.compute(levels, loc + 2 * item * points_per_item, attn + item * points_per_item, targets);
           const acc_t* go = grad_out + item * p.D + c0;
           // Register-resident grad_output for the common widths.
           if (width == 4 * Vec::size()) {

@@ -21,39 +21,24 @@
 
 namespace msda::cpu {
 
-// The corner addresses and weights of one item, ready for the channel loops.
-template <typename scalar_t, typename acc_t>
-struct ForwardItem {
-  ItemGeometry<acc_t> geometry;
-  std::vector<uintptr_t> corner[4];  // address of each corner's row slice of this head
+template <typename acc_t>
+using ForwardGeometry = ItemGeometry<acc_t, 1>;  // one target: value
 
-  explicit ForwardItem(int64_t points) : geometry(points) {
-    for (auto& c : corner) c.resize(points);
+// Ask for the first `bytes` of every corner row, so that the rows of the next
+// item load while this one is being computed.
+template <typename acc_t>
+inline void prefetch_corners(const ForwardGeometry<acc_t>& g, int64_t bytes) {
+  for (int k = 0; k < 4; ++k) {
+    for (int64_t i = 0; i < g.count; ++i) prefetch_range(reinterpret_cast<const void*>(g.address[0][k][i]), bytes);
   }
-
-  void compute(const PointLevels<acc_t>& levels, const acc_t* loc, const acc_t* attn, const scalar_t* head,
-               int64_t row_stride, const scalar_t* zeros) {
-    geometry.compute(levels, loc, attn);
-    corner_addresses(geometry.row, geometry.count, head, row_stride, zeros, corner);
-  }
-
-  // Ask for the first `bytes` of every corner row inside the map, so that the
-  // rows of the next item load while this one is being computed.
-  void prefetch(int64_t bytes) const {
-    for (int k = 0; k < 4; ++k) {
-      for (int64_t i = 0; i < geometry.count; ++i) {
-        if (geometry.row[k][i] >= 0) prefetch_range(reinterpret_cast<const void*>(corner[k][i]), bytes);
-      }
-    }
-  }
-};
+}
 
 // out[c, c + kVecs * Vec::size()) = sum over points and corners of
 // scaled weight * value. Each corner has its own accumulators (kSets of them,
 // corners sharing them round-robin) so that the chains of dependent
 // multiply-adds stay short; they are summed at the end in a fixed order.
 template <int kVecs, typename scalar_t, typename acc_t>
-inline void sample_channels(const ForwardItem<scalar_t, acc_t>& item, int64_t c, acc_t* out) {
+inline void sample_channels(const ForwardGeometry<acc_t>& g, int64_t c, acc_t* out) {
   using Load = VecLoad<scalar_t>;
   using Vec = typename Load::Vec;
   // Four accumulator sets when the registers allow it (32 vector registers
@@ -62,10 +47,9 @@ inline void sample_channels(const ForwardItem<scalar_t, acc_t>& item, int64_t c,
   Vec acc[kSets][kVecs];
   for (int s = 0; s < kSets; ++s)
     for (int j = 0; j < kVecs; ++j) acc[s][j] = Vec(acc_t(0));
-  const ItemGeometry<acc_t>& g = item.geometry;
   for (int64_t i = 0; i < g.count; ++i) {
     for (int k = 0; k < 4; ++k) {
-      const scalar_t* v = reinterpret_cast<const scalar_t*>(item.corner[k][i]) + c;
+      const scalar_t* v = reinterpret_cast<const scalar_t*>(g.address[0][k][i]) + c;
       const Vec w(g.scaled[k][i]);
       for (int j = 0; j < kVecs; ++j) acc[k % kSets][j] = at::vec::fmadd(w, Load::load(v + j * Vec::size()), acc[k % kSets][j]);
     }
@@ -78,12 +62,11 @@ inline void sample_channels(const ForwardItem<scalar_t, acc_t>& item, int64_t c,
 }
 
 template <typename scalar_t, typename acc_t>
-inline void sample_tail(const ForwardItem<scalar_t, acc_t>& item, int64_t c0, int64_t c1, acc_t* out) {
-  const ItemGeometry<acc_t>& g = item.geometry;
+inline void sample_tail(const ForwardGeometry<acc_t>& g, int64_t c0, int64_t c1, acc_t* out) {
   for (int64_t c = c0; c < c1; ++c) out[c - c0] = acc_t(0);
   for (int64_t i = 0; i < g.count; ++i) {
     for (int k = 0; k < 4; ++k) {
-      const scalar_t* v = reinterpret_cast<const scalar_t*>(item.corner[k][i]);
+      const scalar_t* v = reinterpret_cast<const scalar_t*>(g.address[0][k][i]);
       const acc_t w = g.scaled[k][i];
       for (int64_t c = c0; c < c1; ++c) out[c - c0] += w * static_cast<acc_t>(v[c]);
     }
@@ -106,43 +89,45 @@ void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points * 4 * p.D));
   at::parallel_for(0, p.N * p.M * p.Lq, grain, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
-    ForwardItem<scalar_t, acc_t> current(points), next(points);
+    ForwardGeometry<acc_t> first(points), second(points);
+    ForwardGeometry<acc_t>* current = &first;
+    ForwardGeometry<acc_t>* next = &second;
     alignas(64) acc_t buffer[kBlock];
     const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
-    auto compute = [&](int64_t item, ForwardItem<scalar_t, acc_t>& it) {
+    auto compute = [&](int64_t item, ForwardGeometry<acc_t>& g) {
       const int64_t m = item % p.M;
       const int64_t n = item / p.M / p.Lq;
-      it.compute(levels, loc + 2 * item * points, attn + item * points, value + n * p.S * row_stride + m * p.D,
-                 row_stride, zeros.data());
+      const CornerTarget targets[1] = {corner_target(value + n * p.S * row_stride + m * p.D, row_stride, zeros.data())};
+      g.compute(levels, loc + 2 * item * points, attn + item * points, targets);
     };
-    compute(begin, current);
+    compute(begin, *current);
     for (int64_t item = begin; item < end; ++item) {
       if (item + 1 < end) {
-        compute(item + 1, next);
-        next.prefetch(prefetch_bytes);
+        compute(item + 1, *next);
+        prefetch_corners(*next, prefetch_bytes);
       }
       scalar_t* o = out + item * p.D;  // items are in (n, q, m) order, as are output rows
       // Channel blocks of 4, 2 and 1 vectors, then the scalar remainder.
       int64_t c = 0;
       for (; c + kBlock <= p.D; c += kBlock) {
-        sample_channels<kVecs>(current, c, buffer);
+        sample_channels<kVecs, scalar_t>(*current, c, buffer);
         for (int64_t j = 0; j < kBlock; ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
       }
       if (c + 2 * Vec::size() <= p.D) {
-        sample_channels<2>(current, c, buffer);
+        sample_channels<2, scalar_t>(*current, c, buffer);
         for (int64_t j = 0; j < 2 * Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
         c += 2 * Vec::size();
       }
       if (c + Vec::size() <= p.D) {
-        sample_channels<1>(current, c, buffer);
+        sample_channels<1, scalar_t>(*current, c, buffer);
         for (int64_t j = 0; j < Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
         c += Vec::size();
       }
       if (c < p.D) {
-        sample_tail(current, c, p.D, buffer);
+        sample_tail<scalar_t>(*current, c, p.D, buffer);
         for (int64_t j = c; j < p.D; ++j) o[j] = static_cast<scalar_t>(buffer[j - c]);
       }
-      std::swap(current, next);
+      std::swap(current, next);  // pointers: the buffers stay put
     }
   });
 }

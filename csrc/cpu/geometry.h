@@ -39,12 +39,28 @@ struct PointLevels {
   }
 };
 
-// The geometry of one item's points. Corner k of point i is
-// (y0, x0), (y0, x1), (y1, x0), (y1, x1) for k = 0..3.
-template <typename acc_t>
+// Where the corner rows of a tensor shaped like value (N, S, M, D) live:
+// address of row 0 of this item's (n, m) slice, bytes per row, and the
+// address that corners outside the map get instead (a zero row to read, a
+// scratch row to write).
+struct CornerTarget {
+  uintptr_t base, row_bytes, outside;
+};
+
+template <typename T>
+inline CornerTarget corner_target(const T* base, int64_t row_stride, const T* outside) {
+  return {reinterpret_cast<uintptr_t>(base), static_cast<uintptr_t>(row_stride) * sizeof(T),
+          reinterpret_cast<uintptr_t>(outside)};
+}
+
+// The geometry of one item's points, for kTargets tensors (value, and in the
+// backward grad_value). Corner k of point i is (y0, x0), (y0, x1), (y1, x0),
+// (y1, x1) for k = 0..3. Addresses are integers rather than pointers, so that
+// the selects vectorise and no out-of-range pointer is ever formed.
+template <typename acc_t, int kTargets>
 struct ItemGeometry {
   int64_t count;
-  std::vector<int64_t> row[4];     // row of value (0..S-1) of each corner; -1 outside the map
+  std::vector<uintptr_t> address[kTargets][4];  // corner row addresses in each target
   std::vector<acc_t> weight[4];    // bilinear weight of each corner
   std::vector<acc_t> scaled[4];    // weight times the attention weight
   std::vector<acc_t> fx, fy;       // fractional position inside the cell
@@ -53,7 +69,7 @@ struct ItemGeometry {
 
   explicit ItemGeometry(int64_t points) : count(points), fx(points), fy(points), attn(points), sampled(points) {
     for (int k = 0; k < 4; ++k) {
-      row[k].resize(points);
+      for (int t = 0; t < kTargets; ++t) address[t][k].resize(points);
       weight[k].resize(points);
       scaled[k].resize(points);
     }
@@ -63,17 +79,13 @@ struct ItemGeometry {
   // A point takes a sample only when -1 < x < W and -1 < y < H (false for
   // NaN); one that does not gets attention 0 and all four corners outside,
   // which makes every contribution and every gradient of it exactly zero.
-  void compute(const PointLevels<acc_t>& levels, const acc_t* __restrict loc,
-               const acc_t* __restrict attention) {
+  void compute(const PointLevels<acc_t>& levels, const acc_t* __restrict loc, const acc_t* __restrict attention,
+               const CornerTarget (&targets)[kTargets]) {
     const acc_t* __restrict W = levels.width.data();
     const acc_t* __restrict H = levels.height.data();
     const int32_t* __restrict Wi = levels.width_i.data();
     const int32_t* __restrict Hi = levels.height_i.data();
     const int64_t* __restrict start = levels.start.data();
-    int64_t* __restrict r0 = row[0].data();
-    int64_t* __restrict r1 = row[1].data();
-    int64_t* __restrict r2 = row[2].data();
-    int64_t* __restrict r3 = row[3].data();
     acc_t* __restrict w0 = weight[0].data();
     acc_t* __restrict w1 = weight[1].data();
     acc_t* __restrict w2 = weight[2].data();
@@ -86,6 +98,14 @@ struct ItemGeometry {
     acc_t* __restrict fys = fy.data();
     acc_t* __restrict as = attn.data();
     int32_t* __restrict taken = sampled.data();
+    uintptr_t* out[kTargets][4];
+    uintptr_t base[kTargets], row_bytes[kTargets], outside[kTargets];
+    for (int t = 0; t < kTargets; ++t) {
+      for (int k = 0; k < 4; ++k) out[t][k] = address[t][k].data();
+      base[t] = targets[t].base;
+      row_bytes[t] = targets[t].row_bytes;
+      outside[t] = targets[t].outside;
+    }
     const int64_t n = count;  // a local, so the stores below cannot change the trip count
     // Two loops, each of which GCC vectorises; as one loop it does not (a
     // select feeding a float-to-int conversion defeats its if-conversion).
@@ -128,31 +148,14 @@ struct ItemGeometry {
       const bool x0_in = x0 >= 0, x1_in = x0 + 1 < Wi[i];
       const bool y0_in = (taken[i] != 0) & (y0 >= 0), y1_in = (taken[i] != 0) & (y0 + 1 < Hi[i]);
       const int64_t r = start[i] + static_cast<int64_t>(y0) * Wi[i] + x0;
-      r0[i] = (y0_in & x0_in) ? r : int64_t(-1);
-      r1[i] = (y0_in & x1_in) ? r + 1 : int64_t(-1);
-      r2[i] = (y1_in & x0_in) ? r + Wi[i] : int64_t(-1);
-      r3[i] = (y1_in & x1_in) ? r + Wi[i] + 1 : int64_t(-1);
+      const bool in[4] = {y0_in && x0_in, y0_in && x1_in, y1_in && x0_in, y1_in && x1_in};
+      const uintptr_t rows[4] = {static_cast<uintptr_t>(r), static_cast<uintptr_t>(r + 1),
+                                 static_cast<uintptr_t>(r + Wi[i]), static_cast<uintptr_t>(r + Wi[i] + 1)};
+      for (int t = 0; t < kTargets; ++t) {
+        for (int k = 0; k < 4; ++k) out[t][k][i] = in[k] ? base[t] + rows[k] * row_bytes[t] : outside[t];
+      }
     }
   }
 };
-
-// Turns corner rows into addresses: base + row * row_stride elements of T,
-// or `outside` (a zero row to read, a scratch row to write) for row -1.
-// Integers rather than pointers, so that the select vectorises and no
-// out-of-range pointer is ever formed.
-template <typename T>
-inline void corner_addresses(const std::vector<int64_t> (&rows)[4], int64_t count, const T* base, int64_t row_stride,
-                             const T* outside, std::vector<uintptr_t> (&out)[4]) {
-  const uintptr_t base_address = reinterpret_cast<uintptr_t>(base);
-  const uintptr_t outside_address = reinterpret_cast<uintptr_t>(outside);
-  const uintptr_t row_bytes = static_cast<uintptr_t>(row_stride) * sizeof(T);
-  for (int k = 0; k < 4; ++k) {
-    const int64_t* __restrict r = rows[k].data();
-    uintptr_t* __restrict o = out[k].data();
-    for (int64_t i = 0; i < count; ++i) {
-      o[i] = r[i] >= 0 ? base_address + static_cast<uintptr_t>(r[i]) * row_bytes : outside_address;
-    }
-  }
-}
 
 }  // namespace msda::cpu
