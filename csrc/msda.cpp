@@ -4,12 +4,22 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// An empty Python module, so that `import msda._C` loads this library and
-// runs the static registrations below.
+#include "cpu/vector_path.h"
+
+namespace {
+PyObject* vector_path(PyObject*, PyObject*) { return PyUnicode_FromString(msda::cpu::vector_path()); }
+
+PyMethodDef methods[] = {
+    {"vector_path", vector_path, METH_NOARGS, "The CPU kernels' vector instructions: AVX-512, AVX2 or portable."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// `import msda._C` loads this library, which runs the static registrations
+// below; the module itself only tells which CPU code path was compiled.
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {
-      PyModuleDef_HEAD_INIT, "_C", "msda's compiled kernels", -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "msda's compiled kernels", -1, methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
 }

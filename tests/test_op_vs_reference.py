@@ -52,6 +52,19 @@ def test_matches_float64_truth(dtypes, problem):
     check_against_truth(case, out, grads)
 
 
+# The kernels pick code by channel count: blocks of 4, 2 and 1 vectors (8 or
+# 16 float lanes, 4 or 8 double lanes), a scalar remainder, and in the backward
+# register-held grad_output for widths of exactly 1, 2 or 4 vectors, and
+# channel blocks from 64 channels on. These widths hit each of those paths
+# whatever the vector width the build chose.
+@pytest.mark.parametrize("D", [1, 3, 4, 8, 12, 16, 24, 32, 40, 48, 64, 72, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_every_channel_path(D, dtype):
+    case = make_case(N=1, Lq=6, M=3, D=D, shapes=[(5, 6), (2, 3)], P=3, seed=D, value_dtype=dtype)
+    out, grads = run_op(msda.ms_deform_attn, case)
+    check_against_truth(case, out, grads)
+
+
 @pytest.mark.parametrize("D", [1025, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wide_channels(D, dtype):

@@ -27,8 +27,20 @@
 #include "cpu/forward_kernel.h"
 #include "cpu/layout.h"
 #include "cpu/vec_ops.h"
+#include "cpu/vector_path.h"
 
 namespace msda::cpu {
+
+const char* vector_path() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX-512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "portable";
+#endif
+}
+
 namespace {
 
 // The arguments checked and made ready for the kernels: value contiguous,

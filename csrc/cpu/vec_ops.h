@@ -72,7 +72,7 @@ inline void lane_sums4(const Vec d[4], acc_t out[4]) {
     __m256 h[4];
     for (int k = 0; k < 4; ++k) {
       const __m512 v = d[k];
-      h[k] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+      h[k] = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
     }
 #else
     const __m256 h[4] = {d[0], d[1], d[2], d[3]};

@@ -29,6 +29,8 @@ def info() -> str:
         ]
     if _extension.AVAILABLE:
         lines.append(f"extension: loaded; kernels for {', '.join(sorted(_extension.KERNEL_DEVICES)) or 'no device'}")
+        flags = getattr(build, "CPU_FLAGS", "?")
+        lines.append(f"CPU kernels: {_extension.EXTENSION.vector_path()} vector code (compiler flags {flags})")
     else:
         lines.append(f"extension: NOT loaded: {_extension.UNAVAILABLE_REASON} (ops use the reference)")
     lines.append(f"torch CUDA: {torch.version.cuda or 'none'}, GPU available: {torch.cuda.is_available()}")
