@@ -130,8 +130,9 @@ def _roofline_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> list[s
     lines += [
         "",
         "| case | msda GFLOP/s fwd / fwd+bwd | % of matmul peak (fwd) | % of derived peak (fwd) "
-        "| compulsory GB/s fwd (% of copy bandwidth) | gathered GB/s fwd (% of derived cache loads) |",
-        "|---|---|---|---|---|---|",
+        "| compulsory GB/s fwd (% of copy bandwidth) | gathered GB/s fwd (% of derived cache loads) "
+        "| core cycles per sample fwd / bwd | cycles per 64-byte corner line fwd / bwd |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rl = r.get("roofline")
@@ -140,11 +141,14 @@ def _roofline_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> list[s
         derived_pct = f"{100 * rl['fraction_of_derived_peak_forward']:.2f}%" if "fraction_of_derived_peak_forward" in rl else "-"
         cache_pct = (f" ({100 * rl['fraction_of_cache_load_bandwidth_forward']:.1f}%)"
                      if "fraction_of_cache_load_bandwidth_forward" in rl else "")
+        cycles = (f"{rl['cycles_per_sample_forward']:.0f} / {rl['cycles_per_sample_backward']:.0f} "
+                  f"| {rl['cycles_per_line_forward']:.1f} / {rl['cycles_per_line_backward']:.1f}"
+                  if "cycles_per_sample_forward" in rl else "- | -")
         lines.append(
             f"| {r['case']} | {rl['gflops_forward']:.1f} / {rl['gflops_forward_backward']:.1f} "
             f"| {100 * rl['fraction_of_matmul_peak_forward']:.2f}% | {derived_pct} "
             f"| {rl['dram_gbps_forward']:.2f} ({100 * rl['fraction_of_copy_bandwidth_forward']:.1f}%) "
-            f"| {rl['gathered_gbps_forward']:.1f}{cache_pct} |"
+            f"| {rl['gathered_gbps_forward']:.1f}{cache_pct} | {cycles} |"
         )
     return lines
 
@@ -190,6 +194,13 @@ def markdown(report: dict[str, Any]) -> str:
         "and the small gradients). Gathered bytes: 4 corners "
         "x D x 4 bytes per sample, served from cache. Repeated calls find inputs up to the L3 size (32 MiB here) "
         "still in cache, so a small case can exceed the DRAM copy bandwidth.",
+        "",
+        "What bounds the kernel is neither: it is the number of distinct cache lines a sample touches. At D 32 a "
+        "sample reads its 4 corner rows of value, 8 lines of 64 bytes (the backward also updates the same 8 lines "
+        "of grad_value), and they seldom coincide with the previous samples' lines, so they come from L2 or L3. "
+        "The last column is the cost per such line in core cycles (backward: per line of value or grad_value); "
+        "for comparison, a loop that updates L1-resident rows with the same instructions takes 2 to 3 cycles per "
+        "line on this machine (measured while optimising; see benchmarks/README.md).",
         "",
         *_roofline_table(op_rows, report["peaks"]),
         "",

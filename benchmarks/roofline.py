@@ -26,8 +26,10 @@ practical limit is cache load bandwidth, not FLOPs.
 Machine peaks, each said how it is obtained:
 
 * FLOP/s, measured: a float32 matmul (2 n^3 FLOPs) with torch at the benchmark's threads;
-* FLOP/s, derived: cores x clock (``cpu MHz`` in /proc/cpuinfo) x 2 FMA pipes x
-  SIMD lanes (16 with AVX-512, 8 with AVX2) x 2 FLOPs per FMA;
+* FLOP/s, derived: cores x clock x 2 FMA pipes x SIMD lanes (16 with AVX-512,
+  8 with AVX2) x 2 FLOPs per FMA; the clock is measured (``msda._C.measure_clock_hz``:
+  a chain of dependent adds, one per cycle), since ``cpu MHz`` in /proc/cpuinfo
+  is the nominal clock, which in a virtual machine can be far below the real one;
 * memory bandwidth, measured: a float32 tensor copy of 256 MiB (bytes read + written);
 * cache load bandwidth, derived: cores x clock x 2 vector loads per cycle x vector width.
 """
@@ -85,24 +87,39 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _measured_clock_mhz() -> float | None:
+    try:
+        from msda import _C  # the compiled extension; absent in a fallback install
+
+        hz = _C.measure_clock_hz()
+    except (ImportError, AttributeError):
+        return None
+    return hz / 1e6 if hz > 0 else None
+
+
 def derived_peaks(cores: int) -> dict[str, object]:
     """Peak FLOP/s and cache load bandwidth from clock and SIMD width (assumes 2 FMA and 2 load pipes)."""
-    mhz = _cpu_mhz()
+    nominal = _cpu_mhz()
+    measured = _measured_clock_mhz()
+    mhz = measured or nominal
     flags = _cpu_flags()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     fma_pipes = 2 if "fma" in flags else 1
     if mhz is None:
         return {"available": False}
     hz = mhz * 1e6
+    clock = f"{mhz:.0f} MHz ({'measured' if measured else 'nominal, from /proc/cpuinfo'})"
     return {
         "available": True,
         "clock_mhz": mhz,
+        "clock_measured": measured is not None,
+        "nominal_clock_mhz": nominal,
         "cores": cores,
         "fp32_lanes": lanes,
         "fma_pipes_assumed": fma_pipes,
         "gflops": cores * hz * fma_pipes * lanes * 2 / 1e9,
         "cache_load_gbps": cores * hz * 2 * lanes * BYTES_PER_FLOAT / 1e9,
-        "how": f"{cores} cores x {mhz:.0f} MHz x {fma_pipes} FMA pipes x {lanes} fp32 lanes x 2; "
+        "how": f"{cores} cores x {clock} x {fma_pipes} FMA pipes x {lanes} fp32 lanes x 2; "
         f"loads: 2 x {lanes * BYTES_PER_FLOAT}-byte loads per cycle per core",
     }
 
@@ -165,4 +182,15 @@ def roofline_row(dims: dict[str, int], forward_s: float, forward_backward_s: flo
     if derived.get("available"):
         row["fraction_of_derived_peak_forward"] = row["gflops_forward"] / derived["gflops"]
         row["fraction_of_cache_load_bandwidth_forward"] = row["gathered_gbps_forward"] / derived["cache_load_gbps"]
+        # Core cycles per sample, and per 64-byte line of corner rows it touches
+        # (forward: 4 corner rows of value; backward: those again and the same
+        # rows of grad_value): the op's real cost unit, since each sample's lines
+        # rarely coincide with the previous samples'.
+        samples = dims["N"] * dims["Lq"] * dims["M"] * dims["L"] * dims["P"]
+        cycles = derived["cores"] * derived["clock_mhz"] * 1e6 / max(samples, 1)
+        lines = 4 * -(-dims["D"] * BYTES_PER_FLOAT // 64)
+        row["cycles_per_sample_forward"] = forward_s * cycles
+        row["cycles_per_sample_backward"] = (forward_backward_s - forward_s) * cycles
+        row["cycles_per_line_forward"] = row["cycles_per_sample_forward"] / lines
+        row["cycles_per_line_backward"] = row["cycles_per_sample_backward"] / (2 * lines)
     return row
