@@ -1,6 +1,7 @@
 """The CPU backward is deterministic without atomics: bitwise-identical
 gradients from run to run and with 1 or 2 threads, including the shapes
-where the channels are split into blocks (N*M small)."""
+where the channels are split into blocks (N*M small), with and without the
+per-head copies that the kernels use when value's rows are sampled often."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ SHAPES = {
     "wide head (N1 M1 D256)": dict(N=1, Lq=300, M=1, D=256, shapes=[(20, 30), (10, 15)], P=4),
     "encoder-like": dict(N=1, Lq=400, M=8, D=32, shapes=[(16, 25), (8, 13), (4, 7)], P=4),
     "odd channels": dict(N=2, Lq=50, M=3, D=71, shapes=[(9, 7), (5, 4)], P=3),
+    # Few samples per row of value: the kernels work on value and grad_value in
+    # place instead of per-head copies (csrc/cpu/head_copies.h).
+    "decoder-like": dict(N=2, Lq=20, M=4, D=32, shapes=[(16, 25), (8, 13)], P=4),
 }
 
 

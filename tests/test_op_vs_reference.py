@@ -57,10 +57,19 @@ def test_matches_float64_truth(dtypes, problem):
 # register-held grad_output for widths of exactly 1, 2 or 4 vectors, and
 # channel blocks from 64 channels on. These widths hit each of those paths
 # whatever the vector width the build chose.
+# Each width runs twice: with few samples per row of value (the kernels work on
+# value in place) and with many (per-head dense copies, csrc/cpu/head_copies.h).
+LAYOUTS = {
+    "in place": dict(Lq=6, shapes=[(5, 6), (2, 3)]),  # 0.5 samples per row
+    "per-head copies": dict(Lq=40, shapes=[(3, 4), (1, 2)]),  # 17 samples per row
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("D", [1, 3, 4, 8, 12, 16, 24, 32, 40, 48, 64, 72, 96, 128, 160, 256])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_every_channel_path(D, dtype):
-    case = make_case(N=1, Lq=6, M=3, D=D, shapes=[(5, 6), (2, 3)], P=3, seed=D, value_dtype=dtype)
+def test_every_channel_path(layout, D, dtype):
+    case = make_case(N=1, M=3, D=D, P=3, seed=D, value_dtype=dtype, **LAYOUTS[layout])
     out, grads = run_op(msda.ms_deform_attn, case)
     check_against_truth(case, out, grads)
 

@@ -8,6 +8,11 @@
 // order. Splitting channels into blocks is what keeps both cores busy when
 // N*M is small (N 1, M 1, D 256).
 //
+// When value's rows are sampled many times (encoders), a task is one head
+// and works on dense copies of its slices of value and grad_value
+// (head_copies.h): grad_value is then written whole by the copies out, and
+// needs no zeroing first.
+//
 // Per item (n, q, m) and block: the geometry of the L*P points (vectorised
 // over points), then per point one pass over the block's channels that both
 // scatters into grad_value and takes the four corner dot products with
@@ -21,6 +26,7 @@
 #include <vector>
 
 #include "cpu/geometry.h"
+#include "cpu/head_copies.h"
 #include "cpu/layout.h"
 #include "cpu/vec_ops.h"
 
@@ -166,7 +172,11 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   const int64_t points_per_item = p.L * p.P;
   const int64_t points = p.N * p.Lq * p.M * points_per_item;
   const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start);
-  const WorkSplit split = work_split(p);
+  // With per-head copies (head_copies.h) a task is one head (n, m) and channel
+  // block, working on dense copies of its slices of value and grad_value.
+  const bool copies = backward_uses_head_copies(p);
+  const HeadSplit per_head = head_split(p);
+  const WorkSplit split = copies ? WorkSplit{1, p.M, per_head.block_count, per_head.block_width} : work_split(p);
   const int64_t blocks = split.block_count;
   // With one block the sums go straight to the outputs; otherwise each block
   // writes (attn, x, y) partial sums, combined below in block order.
@@ -175,6 +185,8 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   at::parallel_for(0, p.N * split.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
     std::vector<acc_t> scratch(split.block_width);  // grad_value writes of corners outside the map land here
+    std::vector<scalar_t> value_rows(copies ? p.S * split.block_width : 0);
+    std::vector<acc_t> grad_rows(copies ? p.S * split.block_width : 0);
     BackwardItem<scalar_t, acc_t> it(points_per_item);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks;
@@ -184,6 +196,11 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
       const int64_t width = std::min(split.block_width, p.D - c0);
       const int64_t m_begin = group * split.heads_per_group;
       const int64_t m_end = std::min(p.M, m_begin + split.heads_per_group);
+      const int64_t slice = n * p.S * row_stride + m_begin * p.D + c0;  // the task's first row slice
+      if (copies) {  // one head per task
+        copy_rows_in(value + slice, p.S, row_stride, width, value_rows.data());
+        std::fill(grad_rows.begin(), grad_rows.begin() + p.S * width, acc_t(0));
+      }
       for (int64_t q = 0; q < p.Lq; ++q) {
         if (q + kPrefetchAhead < p.Lq) {
           // Each task reads its heads' slices of the per-query arrays, strided
@@ -201,8 +218,13 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
         for (int64_t m = m_begin; m < m_end; ++m) {
           const int64_t item = (n * p.Lq + q) * p.M + m;
           const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
-          const CornerTarget targets[2] = {corner_target(value + head_offset, row_stride, zeros.data()),
-                                           corner_target(grad_value + head_offset, row_stride, scratch.data())};
+          const CornerTarget targets[2] = {
+              copies ? corner_target(static_cast<const scalar_t*>(value_rows.data()), width, zeros.data())
+                     : corner_target(value + head_offset, row_stride, zeros.data()),
+              copies ? corner_target(static_cast<const acc_t*>(grad_rows.data()), width,
+                                     static_cast<const acc_t*>(scratch.data()))
+                     : corner_target(static_cast<const acc_t*>(grad_value + head_offset), row_stride,
+                                     static_cast<const acc_t*>(scratch.data()))};
           it.geometry.compute(levels, loc + 2 * item * points_per_item, attn + item * points_per_item, targets);
           const acc_t* go = grad_out + item * p.D + c0;
           // Register-resident grad_output for the common widths.
@@ -224,6 +246,7 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
           }
         }
       }
+      if (copies) copy_rows_out(grad_rows.data(), p.S, width, grad_value + slice, row_stride);
     }
   });
 

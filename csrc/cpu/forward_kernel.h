@@ -1,12 +1,13 @@
 // CPU forward of msda::ms_deform_attn_forward.
 //
-// One item per (n, q, m), in memory order: locations, weights and outputs
-// stream contiguously. (Head-major order, which shrinks the working set of
-// value, measured 1.5x slower.) For each item the geometry of its L*P points
-// is computed once (vectorised over points), then each block of channels
-// accumulates all points and corners in registers. A software pipeline
-// computes the geometry of the item two ahead, and prefetches its corner
-// rows, before sampling the current one.
+// Items are (n, q, m). When value's rows are sampled many times (encoders),
+// one task per head works on a dense copy of the head's rows
+// (forward_per_head, see head_copies.h); otherwise items run in memory order
+// on value itself (forward_items). Either way the geometry of an item's L*P
+// points is computed once (vectorised over points), then each block of
+// channels accumulates all points and corners in registers, and a software
+// pipeline computes the geometry of the item two ahead, and prefetches its
+// corner rows, before sampling the current one.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "cpu/geometry.h"
+#include "cpu/head_copies.h"
 #include "cpu/layout.h"
 #include "cpu/vec_ops.h"
 
@@ -73,15 +75,53 @@ inline void sample_tail(const ForwardGeometry<acc_t>& g, int64_t c0, int64_t c1,
   }
 }
 
-template <typename scalar_t>
-void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
-                    const acc_type<scalar_t>* attn, scalar_t* out) {
-  using acc_t = acc_type<scalar_t>;
+// One item's output channels [0, width): blocks of 4, 2 and 1 vectors, then
+// the scalar remainder.
+template <typename scalar_t, typename acc_t>
+inline void sample_item(const ForwardGeometry<acc_t>& g, int64_t width, scalar_t* o) {
   using Vec = typename VecLoad<scalar_t>::Vec;
-  // The widest channel block: 4 vectors (32 floats with AVX2, 64 with AVX-512).
-  constexpr int kVecs = 4;
-  constexpr int64_t kBlock = kVecs * Vec::size();
-  constexpr int64_t kAhead = 2;  // measured: 2 items ahead beats 1 and 3 on the encoder shape
+  constexpr int64_t kBlock = 4 * Vec::size();  // 32 floats with AVX2, 64 with AVX-512
+  alignas(64) acc_t buffer[kBlock];
+  int64_t c = 0;
+  for (; c + kBlock <= width; c += kBlock) {
+    sample_channels<4, scalar_t>(g, c, buffer);
+    for (int64_t j = 0; j < kBlock; ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+  }
+  if (c + 2 * Vec::size() <= width) {
+    sample_channels<2, scalar_t>(g, c, buffer);
+    for (int64_t j = 0; j < 2 * Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+    c += 2 * Vec::size();
+  }
+  if (c + Vec::size() <= width) {
+    sample_channels<1, scalar_t>(g, c, buffer);
+    for (int64_t j = 0; j < Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+    c += Vec::size();
+  }
+  if (c < width) {
+    sample_tail<scalar_t>(g, c, width, buffer);
+    for (int64_t j = c; j < width; ++j) o[j] = static_cast<scalar_t>(buffer[j - c]);
+  }
+}
+
+// Items computed kAhead ahead of the one being sampled: the geometry, and the
+// prefetch of its corner rows, then have time to arrive. Measured: 2 beats
+// 1 and 3 on the encoder shape.
+constexpr int64_t kAhead = 2;
+
+// A ring of kAhead + 1 geometries for the software pipeline.
+template <typename acc_t>
+struct GeometryRing {
+  std::vector<ForwardGeometry<acc_t>> slots;
+  explicit GeometryRing(int64_t points) : slots(kAhead + 1, ForwardGeometry<acc_t>(points)) {}
+  ForwardGeometry<acc_t>& operator[](int64_t step) { return slots[step % (kAhead + 1)]; }
+};
+
+// Every item (n, q, m) in memory order, reading value in place: locations,
+// weights and outputs stream contiguously.
+template <typename scalar_t>
+void forward_items(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                   const acc_type<scalar_t>* attn, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
   const Problem& p = layout.p;
   const int64_t row_stride = p.M * p.D;
   const int64_t points = p.L * p.P;
@@ -90,15 +130,12 @@ void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points * 4 * p.D));
   at::parallel_for(0, p.N * p.M * p.Lq, grain, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
-    // A ring of kAhead + 1 geometries: item + kAhead is computed, and its
-    // corner rows prefetched, while item is sampled.
-    std::vector<ForwardGeometry<acc_t>> ring(kAhead + 1, ForwardGeometry<acc_t>(points));
-    alignas(64) acc_t buffer[kBlock];
+    GeometryRing<acc_t> ring(points);
     const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
     auto compute = [&](int64_t item) {
       const int64_t m = item % p.M;
       const int64_t n = item / p.M / p.Lq;
-      ForwardGeometry<acc_t>& g = ring[(item - begin) % (kAhead + 1)];
+      ForwardGeometry<acc_t>& g = ring[item - begin];
       const CornerTarget targets[1] = {corner_target(value + n * p.S * row_stride + m * p.D, row_stride, zeros.data())};
       g.compute(levels, loc + 2 * item * points, attn + item * points, targets);
       prefetch_corners(g, prefetch_bytes);
@@ -106,30 +143,65 @@ void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<
     for (int64_t item = begin; item < std::min(end, begin + kAhead); ++item) compute(item);
     for (int64_t item = begin; item < end; ++item) {
       if (item + kAhead < end) compute(item + kAhead);
-      const ForwardGeometry<acc_t>* current = &ring[(item - begin) % (kAhead + 1)];
-      scalar_t* o = out + item * p.D;  // items are in (n, q, m) order, as are output rows
-      // Channel blocks of 4, 2 and 1 vectors, then the scalar remainder.
-      int64_t c = 0;
-      for (; c + kBlock <= p.D; c += kBlock) {
-        sample_channels<kVecs, scalar_t>(*current, c, buffer);
-        for (int64_t j = 0; j < kBlock; ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
-      }
-      if (c + 2 * Vec::size() <= p.D) {
-        sample_channels<2, scalar_t>(*current, c, buffer);
-        for (int64_t j = 0; j < 2 * Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
-        c += 2 * Vec::size();
-      }
-      if (c + Vec::size() <= p.D) {
-        sample_channels<1, scalar_t>(*current, c, buffer);
-        for (int64_t j = 0; j < Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
-        c += Vec::size();
-      }
-      if (c < p.D) {
-        sample_tail<scalar_t>(*current, c, p.D, buffer);
-        for (int64_t j = c; j < p.D; ++j) o[j] = static_cast<scalar_t>(buffer[j - c]);
+      sample_item(ring[item - begin], p.D, out + item * p.D);  // output rows are in (n, q, m) order too
+    }
+  });
+}
+
+// One task per (n, m, channel block), on a dense copy of that slice of value
+// (head_copies.h); the task's locations, weights and outputs are 1/M-strided,
+// so they are prefetched a few queries ahead.
+template <typename scalar_t>
+void forward_per_head(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                      const acc_type<scalar_t>* attn, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kQueriesAhead = 8;
+  const Problem& p = layout.p;
+  const int64_t row_stride = p.M * p.D;
+  const int64_t points = p.L * p.P;
+  const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start);
+  const HeadSplit split = head_split(p);
+  at::parallel_for(0, split.tasks(p), 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
+    std::vector<scalar_t> rows(p.S * split.block_width);  // the task's dense slice of value
+    GeometryRing<acc_t> ring(points);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % split.block_count;
+      const int64_t m = task / split.block_count % p.M;
+      const int64_t n = task / split.block_count / p.M;
+      const int64_t c0 = block * split.block_width;
+      const int64_t width = std::min(split.block_width, p.D - c0);
+      copy_rows_in(value + n * p.S * row_stride + m * p.D + c0, p.S, row_stride, width, rows.data());
+      const int64_t prefetch_bytes = std::min<int64_t>(width * sizeof(scalar_t), 128);
+      const CornerTarget targets[1] = {corner_target(static_cast<const scalar_t*>(rows.data()), width, zeros.data())};
+      auto compute = [&](int64_t q) {
+        const int64_t item = (n * p.Lq + q) * p.M + m;
+        ForwardGeometry<acc_t>& g = ring[q];
+        g.compute(levels, loc + 2 * item * points, attn + item * points, targets);
+        prefetch_corners(g, prefetch_bytes);
+        if (q + kQueriesAhead < p.Lq) {
+          const int64_t ahead = item + kQueriesAhead * p.M;
+          prefetch_range(loc + 2 * ahead * points, 2 * points * sizeof(acc_t));
+          prefetch_range(attn + ahead * points, points * sizeof(acc_t));
+        }
+      };
+      for (int64_t q = 0; q < std::min(p.Lq, kAhead); ++q) compute(q);
+      for (int64_t q = 0; q < p.Lq; ++q) {
+        if (q + kAhead < p.Lq) compute(q + kAhead);
+        sample_item(ring[q], width, out + ((n * p.Lq + q) * p.M + m) * p.D + c0);
       }
     }
   });
+}
+
+template <typename scalar_t>
+void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
+                    const acc_type<scalar_t>* attn, scalar_t* out) {
+  if (forward_uses_head_copies(layout.p)) {
+    forward_per_head(layout, value, loc, attn, out);
+  } else {
+    forward_items(layout, value, loc, attn, out);
+  }
 }
 
 }  // namespace msda::cpu

@@ -25,6 +25,7 @@
 #include "checks.h"
 #include "cpu/backward_kernel.h"
 #include "cpu/forward_kernel.h"
+#include "cpu/head_copies.h"
 #include "cpu/layout.h"
 #include "cpu/vec_ops.h"
 #include "cpu/vector_path.h"
@@ -93,10 +94,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   const at::Tensor go = grad_output.to(in.acc).contiguous();
   // grad_value accumulates in the accumulation type and is cast at the end
   // (a no-op for float32 and float64).
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(in.acc));
+  const bool any_points = p.N * p.Lq * p.M * p.L * p.P > 0;
+  // With per-head copies the kernel writes every element of grad_value.
+  at::Tensor grad_value = any_points && backward_uses_head_copies(p)
+                              ? at::empty(value.sizes(), value.options().dtype(in.acc))
+                              : at::zeros(value.sizes(), value.options().dtype(in.acc));
   at::Tensor grad_loc = at::empty(sampling_locations.sizes(), in.loc.options());
   at::Tensor grad_attn = at::empty(attention_weights.sizes(), in.attn.options());
-  if (p.N * p.Lq * p.M * p.L * p.P > 0) {
+  if (any_points) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
       backward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),
