@@ -9,8 +9,8 @@
 // D 32 maps a head's 128 bytes of every row onto 8 of L1's 64 sets, and
 // likewise in L2). Dense, the rows a task keeps reusing (those around the
 // current queries, on every level) fit in L2. Measured on the encoder shape
-// (2 cores, AMD EPYC): forward 1.3x faster and backward 1.3x faster including
-// the copies. When rows are sampled only a few times (decoders: 300-900
+// (2 cores, AMD EPYC): forward about 1.3x and backward about 1.4x faster,
+// copies included. When rows are sampled only a few times (decoders: 300-900
 // queries over 22k rows) the copies cost more than they save, so the kernels
 // use the tensors directly.
 #pragma once
