@@ -11,7 +11,7 @@
 namespace msda::cpu {
 
 double measure_clock_hz() {
-#if defined(__x86_64__) || defined(__aarch64__)
+#if (defined(__x86_64__) || defined(__aarch64__)) && defined(__GNUC__)  // GCC-style inline assembly
   constexpr int64_t kAdds = 200'000'000;
   double best = 0;
   for (int repeat = 0; repeat < 3; ++repeat) {
@@ -29,7 +29,7 @@ double measure_clock_hz() {
   }
   return best;
 #else
-  return 0;  // unknown architecture: no measurement
+  return 0;  // unknown architecture or compiler: no measurement
 #endif
 }
 
