@@ -199,8 +199,8 @@ def markdown(report: dict[str, Any]) -> str:
         "sample reads its 4 corner rows of value, 8 lines of 64 bytes (the backward also updates the same 8 lines "
         "of grad_value), and they seldom coincide with the previous samples' lines, so they come from L2 or L3. "
         "The last column is the cost per such line in core cycles (backward: per line of value or grad_value); "
-        "for comparison, a loop that updates L1-resident rows with the same instructions takes 2 to 3 cycles per "
-        "line on this machine (measured while optimising; see benchmarks/README.md).",
+        "for comparison, a loop that updates L1-resident rows with the same instructions takes about 2 cycles per "
+        "line on this machine (benchmarks/line_cost.cpp, see benchmarks/README.md).",
         "",
         *_roofline_table(op_rows, report["peaks"]),
         "",
