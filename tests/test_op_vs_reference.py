@@ -74,6 +74,26 @@ def test_every_channel_path(layout, D, dtype):
     check_against_truth(case, out, grads)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_one_head_split_over_threads(threads):
+    # One head, many queries per pixel: the forward's per-head task is cut
+    # into query ranges so that every thread has work; the result must be the
+    # float64 truth's, and bitwise the same at any thread count.
+    case = make_case(N=1, Lq=200, M=1, D=32, shapes=[(6, 8), (3, 4)], P=4, seed=3, value_dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_op(msda.ms_deform_attn, case)
+        torch.set_num_threads(threads)
+        out, grads = run_op(msda.ms_deform_attn, case)
+    finally:
+        torch.set_num_threads(previous)
+    check_against_truth(case, out, grads)
+    assert torch.equal(out, single[0])
+    for got, want in zip(grads, single[1]):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("D", [1025, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wide_channels(D, dtype):

@@ -148,9 +148,12 @@ void forward_items(const Layout& layout, const scalar_t* value, const acc_type<s
   });
 }
 
-// One task per (n, m, channel block), on a dense copy of that slice of value
-// (head_copies.h); the task's locations, weights and outputs are 1/M-strided,
-// so they are prefetched a few queries ahead.
+// One task per (n, m, channel block) and range of queries, on a dense copy of
+// that slice of value (head_copies.h). The ranges exist only to give every
+// thread work when N*M*blocks is below the thread count (the forward's sums
+// do not depend on how the work is cut); a thread that gets several ranges
+// of one head copies it once. The task's locations, weights and outputs are
+// 1/M-strided, so they are prefetched a few queries ahead.
 template <typename scalar_t>
 void forward_per_head(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
                       const acc_type<scalar_t>* attn, scalar_t* out) {
@@ -161,17 +164,26 @@ void forward_per_head(const Layout& layout, const scalar_t* value, const acc_typ
   const int64_t points = p.L * p.P;
   const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start);
   const HeadSplit split = head_split(p);
-  at::parallel_for(0, split.tasks(p), 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = split.tasks(p);  // (n, m, block) slices
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ranges = std::min(std::max<int64_t>(1, p.Lq), (threads + heads - 1) / heads);
+  at::parallel_for(0, heads * ranges, 1, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
     std::vector<scalar_t> rows(p.S * split.block_width);  // the task's dense slice of value
+    int64_t rows_hold = -1;                                // which slice `rows` holds
     GeometryRing<acc_t> ring(points);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task % split.block_count;
-      const int64_t m = task / split.block_count % p.M;
-      const int64_t n = task / split.block_count / p.M;
+      const int64_t slice = task / ranges, range = task % ranges;
+      const int64_t block = slice % split.block_count;
+      const int64_t m = slice / split.block_count % p.M;
+      const int64_t n = slice / split.block_count / p.M;
       const int64_t c0 = block * split.block_width;
       const int64_t width = std::min(split.block_width, p.D - c0);
-      copy_rows_in(value + n * p.S * row_stride + m * p.D + c0, p.S, row_stride, width, rows.data());
+      const int64_t q_begin = p.Lq * range / ranges, q_end = p.Lq * (range + 1) / ranges;
+      if (rows_hold != slice) {
+        copy_rows_in(value + n * p.S * row_stride + m * p.D + c0, p.S, row_stride, width, rows.data());
+        rows_hold = slice;
+      }
       const int64_t prefetch_bytes = std::min<int64_t>(width * sizeof(scalar_t), 128);
       const CornerTarget targets[1] = {corner_target(static_cast<const scalar_t*>(rows.data()), width, zeros.data())};
       auto compute = [&](int64_t q) {
@@ -179,15 +191,15 @@ void forward_per_head(const Layout& layout, const scalar_t* value, const acc_typ
         ForwardGeometry<acc_t>& g = ring[q];
         g.compute(levels, loc + 2 * item * points, attn + item * points, targets);
         prefetch_corners(g, prefetch_bytes);
-        if (q + kQueriesAhead < p.Lq) {
+        if (q + kQueriesAhead < q_end) {
           const int64_t ahead = item + kQueriesAhead * p.M;
           prefetch_range(loc + 2 * ahead * points, 2 * points * sizeof(acc_t));
           prefetch_range(attn + ahead * points, points * sizeof(acc_t));
         }
       };
-      for (int64_t q = 0; q < std::min(p.Lq, kAhead); ++q) compute(q);
-      for (int64_t q = 0; q < p.Lq; ++q) {
-        if (q + kAhead < p.Lq) compute(q + kAhead);
+      for (int64_t q = q_begin; q < std::min(q_end, q_begin + kAhead); ++q) compute(q);
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        if (q + kAhead < q_end) compute(q + kAhead);
         sample_item(ring[q], width, out + ((n * p.Lq + q) * p.M + m) * p.D + c0);
       }
     }
