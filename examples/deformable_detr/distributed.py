@@ -48,6 +48,10 @@ def init_distributed(device: str) -> torch.device:
 
 def cleanup() -> None:
     if is_dist_avail_and_initialized():
+        # Every rank reaches this point before any tears the group down: with
+        # gloo, a rank whose peer has already exited can abort at exit
+        # ("terminate called without an active exception"), seen once in CI.
+        dist.barrier()
         dist.destroy_process_group()
 
 
