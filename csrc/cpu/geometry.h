@@ -39,10 +39,10 @@ struct PointLevels {
   }
 };
 
-// Where the corner rows of a tensor shaped like value (N, S, M, D) live:
-// address of row 0 of this item's (n, m) slice, bytes per row, and the
-// address that corners outside the map get instead (a zero row to read, a
-// scratch row to write).
+// Where the corner rows live: the address of row 0 (of this item's (n, m)
+// slice of value or grad_value, or of a dense per-head copy), the bytes from
+// one row to the next, and the address that corners outside the map get
+// instead (a zero row to read, a scratch row to write).
 struct CornerTarget {
   uintptr_t base, row_bytes, outside;
 };
