@@ -114,13 +114,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=ALL_CASES, help="run only these cases")
     parser.add_argument("--out", help="output folder (default benchmarks/results, or benchmarks/results/quick)")
     parser.add_argument("--repeats", type=int, help="timed runs per msda measurement (default 5; 2 with --quick)")
-    parser.add_argument("--warmup", type=int, help="warm-up runs for msda (default 2; 1 with --quick)")
+    parser.add_argument("--warmup", type=int,
+                        help="warm-up runs for msda (default 5: the allocator only settles after a few large "
+                             "allocations, and the first calls pay page faults; 1 with --quick)")
     parser.add_argument("--reference-repeats", type=int,
                         help="timed runs per reference measurement, op cases (default 5)")
     parser.add_argument("--module-reference-repeats", type=int,
                         help="timed runs per reference measurement, module cases (default 3: a 6-layer "
                              "fwd+bwd takes about 20 s)")
-    parser.add_argument("--reference-warmup", type=int, default=1)
+    parser.add_argument("--reference-warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="threads for the main comparison (msda is also "
                         "timed at 1 thread for scaling)")
     parser.add_argument("--reference-scaling", action="store_true",
@@ -130,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="measure nothing: rebuild the rows, tables and plot from the raw measurements "
                              "in an earlier benchmark.json (e.g. after a change to the report)")
     args = parser.parse_args(argv)
-    defaults = {"repeats": (2, 5), "warmup": (1, 2), "reference_repeats": (2, 5), "module_reference_repeats": (2, 3)}
+    defaults = {"repeats": (2, 5), "warmup": (1, 5), "reference_repeats": (2, 5), "module_reference_repeats": (2, 3)}
     for name, (quick_value, full_value) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick_value if args.quick else full_value)
