@@ -134,31 +134,23 @@ inline void point_gradients(const BackwardItem<scalar_t, acc_t>& it, const Point
   }
 }
 
-// How the backward cuts its work into tasks (n, head group, channel block).
-// A function of the shapes only (never of the thread count), so results are
-// bitwise reproducible. A task walks the queries in order and, for each, the
-// heads of its group: with several heads per group the reads of locations,
-// weights and grad_output are contiguous runs instead of 1/M-strided ones.
-// Groups and blocks shrink until there are at least kTargetTasks tasks
-// (blocks stay at least kMinBlock channels wide, to share the location
-// arithmetic among more channels), which is what keeps both cores busy when N*M is small. Eight
-// (one head per task at N 1, M 8) measured about 10% faster than four on the
-// encoder shape: a task's rows of value and grad_value then stay in cache longer.
+// How the backward cuts its work into tasks (n, head group, channel block),
+// from the shapes alone (layout.h: channel_blocks), so results are bitwise
+// reproducible. A task walks the queries in order and, for each, the heads of
+// its group: with several heads per group the reads of locations, weights and
+// grad_output are contiguous runs instead of 1/M-strided ones. Groups shrink
+// to one head before channels are cut into blocks; with per-head copies a
+// group is always one head.
 struct WorkSplit {
   int64_t heads_per_group, groups, block_count, block_width;
 };
-inline WorkSplit work_split(const Problem& p) {
-  constexpr int64_t kTargetTasks = 8, kMinBlock = 64, kAlign = 16;
+inline WorkSplit work_split(const Problem& p, bool one_head_per_group) {
   const int64_t N = std::max<int64_t>(1, p.N), M = std::max<int64_t>(1, p.M);
-  int64_t heads = M;  // heads per group
+  int64_t heads = one_head_per_group ? 1 : M;  // heads per group
   while (heads > 1 && N * ((M + heads - 1) / heads) < kTargetTasks) heads = (heads + 1) / 2;
   const int64_t groups = (M + heads - 1) / heads;
-  const int64_t wanted = (kTargetTasks + N * groups - 1) / (N * groups);
-  const int64_t most = std::max<int64_t>(1, p.D / kMinBlock);
-  const int64_t count = std::max<int64_t>(1, std::min(wanted, most));
-  int64_t width = (p.D + count - 1) / count;
-  width = std::max<int64_t>(1, std::min(p.D, (width + kAlign - 1) / kAlign * kAlign));
-  return {heads, groups, (p.D + width - 1) / width, width};
+  const ChannelBlocks blocks = channel_blocks(p.D, N * groups);
+  return {heads, groups, blocks.count, blocks.width};
 }
 
 template <typename scalar_t>
@@ -175,8 +167,7 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   // With per-head copies (head_copies.h) a task is one head (n, m) and channel
   // block, working on dense copies of its slices of value and grad_value.
   const bool copies = backward_uses_head_copies(p);
-  const HeadSplit per_head = head_split(p);
-  const WorkSplit split = copies ? WorkSplit{1, p.M, per_head.block_count, per_head.block_width} : work_split(p);
+  const WorkSplit split = work_split(p, copies);
   const int64_t blocks = split.block_count;
   // With one block the sums go straight to the outputs; otherwise each block
   // writes (attn, x, y) partial sums, combined below in block order.

@@ -117,7 +117,8 @@ struct ItemGeometry {
       // Bitwise & (not &&), so that there are no branches.
       const bool inside = (x > acc_t(-1)) & (y > acc_t(-1)) & (x < W[i]) & (y < H[i]);
       // Points that take no sample get position (0, 0), so that the integer
-      // conversions below are always defined.
+      // conversions below are always defined. fx and fy hold the positions
+      // until the second loop replaces them with the fractions.
       fxs[i] = inside ? x : acc_t(0);
       fys[i] = inside ? y : acc_t(0);
       taken[i] = inside;

@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "checks.h"
+#include "cpu/layout.h"
 
 namespace msda::cpu {
 
@@ -37,21 +38,14 @@ constexpr double kBackwardCopiesFrom = 2.0;
 inline bool forward_uses_head_copies(const Problem& p) { return samples_per_row(p) >= kForwardCopiesFrom; }
 inline bool backward_uses_head_copies(const Problem& p) { return samples_per_row(p) >= kBackwardCopiesFrom; }
 
-// Tasks (n, m, channel block): blocks split D only as far as needed for
-// kTargetTasks tasks (so that both cores have work when N*M is small),
-// never below kMinBlock channels. A function of the shapes only.
+// Tasks (n, m, channel block), channel blocks from channel_blocks (layout.h).
 struct HeadSplit {
   int64_t block_count, block_width;
   int64_t tasks(const Problem& p) const { return p.N * p.M * block_count; }
 };
 inline HeadSplit head_split(const Problem& p) {
-  constexpr int64_t kTargetTasks = 8, kMinBlock = 64, kAlign = 16;
-  const int64_t heads = std::max<int64_t>(1, p.N * p.M);
-  const int64_t wanted = (kTargetTasks + heads - 1) / heads;
-  const int64_t count = std::max<int64_t>(1, std::min(wanted, p.D / kMinBlock));
-  int64_t width = (p.D + count - 1) / count;
-  width = std::max<int64_t>(1, std::min(p.D, (width + kAlign - 1) / kAlign * kAlign));
-  return {(p.D + width - 1) / width, width};
+  const ChannelBlocks blocks = channel_blocks(p.D, std::max<int64_t>(1, p.N * p.M));
+  return {blocks.count, blocks.width};
 }
 
 // Copies `width` channels of each of `rows` rows from src (row_stride apart)
