@@ -105,10 +105,12 @@ class MSDeformAttn(nn.Module):
         per_query = (N, Lq, 1, L * P * 2)
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], dim=-1)
+            # offsets are in pixels of each level: divide by (W_l, H_l)
             normalizer = normalizer.to(offsets.dtype)[:, None, :].expand(L, P, 2).reshape(L * P * 2)
             base = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(per_query)
             locations = torch.addcdiv(base, offsets.reshape(flat), normalizer)
         elif reference_points.shape[-1] == 4:
+            # offsets are relative to the box: P points span half its size
             base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
             size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
             locations = base + offsets.reshape(flat) / P * size * 0.5
