@@ -1,7 +1,7 @@
 """The full R50 models have exactly the original checkpoints' keys, shapes and parameter counts.
 
-The expected lists live in <repo>/../shared/data/ddetr_state_dict/<variant>.txt (dumped from the
-original implementation). They are required: a missing folder fails, it does not skip.
+The expected lists live in tests/data/ddetr_state_dict/<variant>.txt (dumped from the original
+implementation). They are required: a missing file fails, it does not skip.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import pytest
 from examples.deformable_detr.configs import config_for_variant
 from examples.deformable_detr.deformable_detr import build_model
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LISTS_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "ddetr_state_dict")
+LISTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ddetr_state_dict")
 VARIANTS = ["single_scale", "base", "box_refine", "two_stage"]
 
 
@@ -23,8 +22,7 @@ def read_expected(variant: str) -> tuple[list[tuple[str, tuple[int, ...]]], int,
     path = os.path.join(LISTS_DIR, f"{variant}.txt")
     if not os.path.isfile(path):
         pytest.fail(
-            f"expected key list {path} is missing: the tests need the shared folder beside the clone "
-            f"(<repo>/../shared/data/ddetr_state_dict/)"
+            f"expected key list {path} is missing: it ships with the repository (tests/data/)"
         )
     entries, params, trainable = [], None, None
     with open(path) as f:
