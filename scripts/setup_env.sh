@@ -17,9 +17,14 @@ fi
 . "$MSDA_VENV/bin/activate"
 echo "== installing dependencies"
 python -m pip install -q --disable-pip-version-check --upgrade pip
-# scipy: Hungarian matching; pycocotools: COCO AP; Pillow: images; matplotlib: plots.
-python -m pip install -q --disable-pip-version-check "${MSDA_TORCH:-torch==2.13.0}" numpy pybind11 ninja \
-  "setuptools>=77" wheel pytest hypothesis scipy pillow pycocotools matplotlib
+# One group a line, each with why it is here.
+DEPS=(
+  "${MSDA_TORCH:-torch==2.13.0}" numpy             # the op
+  pybind11 ninja "setuptools>=77" wheel           # the build
+  pytest hypothesis                               # the tests
+  scipy pillow pycocotools matplotlib             # the example detector (matching, images, COCO AP, plots)
+)
+python -m pip install -q --disable-pip-version-check "${DEPS[@]}"
 echo "== building msda against torch $(python -c 'import torch; print(torch.__version__)')"
 # --no-build-isolation: compile against the torch installed above (see README).
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps "$MSDA_ROOT"
