@@ -45,6 +45,12 @@ def _load() -> tuple[Any, Any, str]:
 BUILD_INFO, EXTENSION, UNAVAILABLE_REASON = _load()
 AVAILABLE: bool = EXTENSION is not None
 
+CPU_CAPABILITY_ENV = "MSDA_CPU_CAPABILITY"
+# The CPU kernels' instruction set was chosen when _C loaded (csrc/cpu/dispatch.h):
+# the best this CPU supports, or a lower one forced with MSDA_CPU_CAPABILITY.
+if AVAILABLE and EXTENSION.cpu_capability_refusal():
+    warnings.warn(EXTENSION.cpu_capability_refusal(), RuntimeWarning, stacklevel=2)
+
 if not AVAILABLE and os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
     raise ImportError(f"{UNAVAILABLE_REASON}, and {REQUIRE_ENV} is set. {BUILD_HINT}")
 
