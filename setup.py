@@ -197,6 +197,7 @@ def _write_build_info(torch, with_cuda: bool, cuda_archs: str, capabilities: lis
         f.write(f"COMPILER = {_compiler_description()!r}\n")
         f.write(f"CPU_FLAGS = {os.environ.get('MSDA_CPU_FLAGS', '')!r}\n")
         f.write(f"CPU_CAPABILITIES = {capabilities!r}\n")
+        f.write(f"DEBUG = {_env_flag('MSDA_DEBUG')!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_ARCHS = {cuda_archs!r}\n")
         f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n")
