@@ -66,13 +66,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   const at::Tensor go = grad_output.to(in.acc).contiguous();
   // grad_value accumulates in the accumulation type and is cast at the end
   // (a no-op for float32 and float64).
-  const bool any_points = p.N * p.Lq * p.M * p.L * p.P > 0;
-  // The kernel writes or zeroes all of grad_value when it runs.
-  at::Tensor grad_value = any_points ? at::empty(value.sizes(), value.options().dtype(in.acc))
-                                     : at::zeros(value.sizes(), value.options().dtype(in.acc));
-  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), in.loc.options());
-  at::Tensor grad_attn = at::empty(attention_weights.sizes(), in.attn.options());
-  if (any_points) {
+  // The kernel's tasks are (n, head group, channel block): with no points or
+  // no channels (D = 0 gives no channel blocks) no task runs, and every
+  // gradient is zero. Zero the outputs here rather than trusting each kernel
+  // path to write them: an empty output would hand back uninitialised memory.
+  // (numel() is used, not a product of sizes, which could overflow.)
+  const bool any_work = attention_weights.numel() > 0 && p.D > 0;
+  const auto alloc = [any_work](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return any_work ? at::empty(sizes, options) : at::zeros(sizes, options);
+  };
+  // When it runs, the kernel writes every location and weight gradient, and
+  // writes or zeroes all of grad_value (kernels.h).
+  at::Tensor grad_value = alloc(value.sizes(), value.options().dtype(in.acc));
+  at::Tensor grad_loc = alloc(sampling_locations.sizes(), in.loc.options());
+  at::Tensor grad_attn = alloc(attention_weights.sizes(), in.attn.options());
+  if (any_work) {
     ms_deform_attn_backward_kernel.get()(in.layout, in.value, in.loc, in.attn, go, grad_value, grad_loc, grad_attn);
   }
   return {grad_value.to(value.scalar_type()), grad_loc.to(sampling_locations.scalar_type()),
