@@ -71,7 +71,7 @@ def test_quick_run_writes_results(tmp_path):
 
     text = (tmp_path / "benchmark.md").read_text()
     assert "| encoder_n1 |" in text
-    assert "PASS" not in text and "MISS" not in text and "1/0.0" not in text
+    assert "## Targets" not in text and "| PASS |" not in text and "| MISS |" not in text and "1/0.0" not in text
     assert "not measurements" in text and "not measurements" in proc.stdout
     assert report["peaks"]["derived"] == {"available": False, "why": "--quick"}
     assert "Derived" not in text
