@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import msda.integrations.transformers as msda_hf  # noqa: E402
-from msda.integrations import _hf_forwards  # noqa: E402
+from msda.integrations import _hf_forwards, _shared  # noqa: E402
 
 ATOL = 1e-5
 
@@ -67,7 +67,7 @@ def _rt_detr():
     config = RTDetrConfig(
         backbone_config=_resnet(RTDetrResNetConfig), d_model=32, encoder_hidden_dim=32,
         encoder_in_channels=[16, 16, 16], encoder_ffn_dim=32, decoder_layers=2, decoder_ffn_dim=32,
-        decoder_attention_heads=2, encoder_attention_heads=2, num_queries=10, decoder_n_points=2, num_labels=3,
+        decoder_attention_heads=2, encoder_attention_heads=2, num_queries=10, decoder_n_points=3, num_labels=3,
         decoder_in_channels=[32, 32, 32], num_feature_levels=3, num_denoising=0, dropout=0.0,
     )
     return RTDetrForObjectDetection(config), {"pixel_values": torch.randn(2, 3, 64, 64)}, ("logits", "pred_boxes")
@@ -191,7 +191,9 @@ def test_msda_really_runs(family, monkeypatch):
     name, model, inputs, names = family
     calls = []
     real = _hf_forwards.ms_deform_attn
-    monkeypatch.setattr(_hf_forwards, "ms_deform_attn", lambda *a: calls.append(1) or real(*a))
+    spy = lambda *a: calls.append(1) or real(*a)  # noqa: E731
+    monkeypatch.setattr(_hf_forwards, "ms_deform_attn", spy)
+    monkeypatch.setattr(_shared, "ms_deform_attn", spy)
     with msda_hf.enable():
         _run(model, inputs, names)
     assert calls
@@ -250,7 +252,7 @@ def test_sampling_locations_match_broadcast_form(coords, dtype):
         want = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     else:
         want = ref[:, :, None, :, None, :2] + offsets / P * ref[:, :, None, :, None, 2:] * 0.5
-    got = _hf_forwards.sampling_locations(ref, offsets, shapes, P)
+    got = _shared.sampling_locations(ref, offsets, shapes, P)
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 

@@ -8,13 +8,14 @@ of what it replaces.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import ms_deform_attn
+from ._shared import attention_from_shapes, match_dtype, sampling_locations, shapes_and_starts
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -22,18 +23,8 @@ __all__ = [
     "function",
     "function_v2",
     "make_function_v2",
-    "sampling_locations",
     "wrapper_forward",
 ]
-
-
-def _same_dtype(value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    # msda takes locations and weights in value's dtype or float32; transformers'
-    # grid_sample path accepts any float mix (autocast can produce e.g. float16
-    # weights next to a bfloat16 value), so widen the odd one out to float32.
-    if t.dtype == value.dtype or t.dtype == torch.float32:
-        return t
-    return t.float()
 
 
 def layer_forward(
@@ -52,8 +43,8 @@ def layer_forward(
         value,
         value_spatial_shapes,
         level_start_index,
-        _same_dtype(value, sampling_locations),
-        _same_dtype(value, attention_weights),
+        match_dtype(value, sampling_locations),
+        match_dtype(value, attention_weights),
     )
 
 
@@ -91,20 +82,6 @@ class MultiScaleDeformableAttention(nn.Module):
         )
 
 
-def _shapes_and_starts(
-    value: torch.Tensor, value_spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # mask2former/oneformer pass the shapes as a list of (H, W) ints; msda wants
-    # them as tensors plus the level start rows, built here from the same list.
-    if isinstance(value_spatial_shapes, torch.Tensor):
-        shapes = value_spatial_shapes.to(device=value.device, dtype=torch.int64)
-    else:
-        shapes = torch.tensor([[int(h), int(w)] for h, w in value_spatial_shapes], dtype=torch.int64, device=value.device)
-    areas = shapes[:, 0] * shapes[:, 1]
-    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    return shapes, starts
-
-
 def function(
     value: torch.Tensor,
     value_spatial_shapes: Union[torch.Tensor, list],
@@ -112,10 +89,7 @@ def function(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """``multi_scale_deformable_attention`` of mask2former and oneformer, on msda."""
-    shapes, starts = _shapes_and_starts(value, value_spatial_shapes)
-    return ms_deform_attn(
-        value, shapes, starts, _same_dtype(value, sampling_locations), _same_dtype(value, attention_weights)
-    )
+    return attention_from_shapes(value, value_spatial_shapes, sampling_locations, attention_weights)
 
 
 def function_v2(
@@ -142,11 +116,11 @@ def function_v2(
         return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
     N, Lq, M = sampling_locations.shape[:3]
     L, P = len(points), points[0]
-    shapes, starts = _shapes_and_starts(value, value_spatial_shapes)
+    shapes, starts = shapes_and_starts(value, value_spatial_shapes)
     # v2 lays the points out level-major as (..., L*P): the same order as (L, P).
     locations = sampling_locations.reshape(N, Lq, M, L, P, 2)
     weights = attention_weights.reshape(N, Lq, M, L, P)
-    return ms_deform_attn(value, shapes, starts, _same_dtype(value, locations), _same_dtype(value, weights))
+    return ms_deform_attn(value, shapes, starts, match_dtype(value, locations), match_dtype(value, weights))
 
 
 def make_function_v2(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -167,38 +141,6 @@ def make_function_v2(original: Callable[..., torch.Tensor]) -> Callable[..., tor
 
     multi_scale_deformable_attention_v2.__wrapped_original__ = original  # type: ignore[attr-defined]
     return multi_scale_deformable_attention_v2
-
-
-def sampling_locations(
-    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor, n_points: int
-) -> torch.Tensor:
-    """Transformers' sampling locations, bitwise equal, but cheap.
-
-    ``offsets`` is (N, Lq, M, L, P, 2); ``reference_points`` (N, Lq, L, 2)
-    points or (N, Lq, L, 4) boxes. Transformers broadcasts the reference points
-    and the normaliser over (M, L, P, 2) directly, which torch runs two
-    elements at a time. Here the same operations, in the same order and with
-    the same dtype promotions, run on a (N, Lq, M, L*P*2) view whose operands
-    broadcast only over M, so each one is a contiguous row of L*P*2: equal
-    bits, several times faster at the encoder's shapes.
-    """
-    N, Lq, M, L, P, _ = offsets.shape
-    flat = offsets.reshape(N, Lq, M, L * P * 2)
-    per_query = (N, Lq, 1, L * P * 2)
-    if reference_points.shape[-1] == 2:
-        # offsets are in pixels of each level; transformers divides by the
-        # integer (W_l, H_l) tensor itself, so keep it integer (same promotion).
-        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-        normalizer = normalizer[:, None, :].expand(L, P, 2).reshape(L * P * 2)
-        base = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        locations = base + flat / normalizer
-    elif reference_points.shape[-1] == 4:
-        base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        locations = base + flat / n_points * size * 0.5
-    else:
-        raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
-    return locations.view(N, Lq, M, L, P, 2)
 
 
 def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
