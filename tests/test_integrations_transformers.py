@@ -199,6 +199,17 @@ def test_msda_really_runs(family, monkeypatch):
     assert calls
 
 
+def test_models_built_after_enable_use_msda(monkeypatch):
+    calls = []
+    real = _hf_forwards.ms_deform_attn
+    monkeypatch.setattr(_hf_forwards, "ms_deform_attn", lambda *a: calls.append(1) or real(*a))
+    with msda_hf.enable():
+        torch.manual_seed(0)
+        model, inputs, names = _deformable_detr()
+        _run(model, inputs, names)
+    assert len(calls) == 3  # 1 encoder and 2 decoder layers
+
+
 def _capture_locations(model, inputs):
     captured = []
     layers = [m for m in model.modules() if type(m).__name__ == msda_hf.LAYER_NAME]
@@ -315,6 +326,16 @@ def test_enable_model_switches_stored_function():
             got, _ = layer(hidden, **kwargs)
     assert layer.ms_deformable_attn_core is original
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    # A layer built while msda is enabled stores msda's function; after
+    # disable() that function runs transformers' code again.
+    with msda_hf.enable():
+        built_during = dfine.DFineMultiscaleDeformableAttention(config).eval()
+        built_during.load_state_dict(layer.state_dict())
+    assert built_during.ms_deformable_attn_core is not original
+    with torch.no_grad():
+        after, _ = built_during(hidden, **kwargs)
+    assert torch.equal(after, want)  # transformers' bits, not msda's (which differ in the last places)
+    assert not torch.equal(got, want)
 
 
 def test_compile_fullgraph_of_patched_attention():

@@ -59,27 +59,7 @@ class MultiScaleDeformableAttention(nn.Module):
 
     can_torch_compile = True
     has_backward = True
-
-    def forward(
-        self,
-        value: torch.Tensor,
-        value_spatial_shapes: torch.Tensor,
-        value_spatial_shapes_list: list,
-        level_start_index: torch.Tensor,
-        sampling_locations: torch.Tensor,
-        attention_weights: torch.Tensor,
-        im2col_step: int,
-    ) -> torch.Tensor:
-        return layer_forward(
-            self,
-            value,
-            value_spatial_shapes,
-            value_spatial_shapes_list,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            im2col_step,
-        )
+    forward = layer_forward
 
 
 def function(
@@ -123,9 +103,14 @@ def function_v2(
     return ms_deform_attn(value, shapes, starts, match_dtype(value, locations), match_dtype(value, weights))
 
 
-def make_function_v2(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``function_v2`` bound to the family's own function for the cases msda
-    does not cover, with the original's signature."""
+def make_function_v2(
+    original: Callable[..., torch.Tensor], active: Callable[[], bool] = lambda: True
+) -> Callable[..., torch.Tensor]:
+    """``function_v2`` bound to the family's own function, with the original's
+    signature. The original runs for the cases msda does not cover, and
+    whenever ``active()`` is False: modules built while msda was enabled keep
+    this function as an attribute (d_fine, deimv2), and must go back to
+    transformers' code after ``disable()``."""
 
     def multi_scale_deformable_attention_v2(
         value: torch.Tensor,
@@ -135,6 +120,8 @@ def make_function_v2(original: Callable[..., torch.Tensor]) -> Callable[..., tor
         num_points_list: list,
         method: str = "default",
     ) -> torch.Tensor:
+        if not active():
+            return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
         return function_v2(
             value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method, original=original
         )

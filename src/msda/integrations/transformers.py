@@ -209,7 +209,8 @@ def _replacement(site: Site, found: Any) -> tuple[Optional[Callable], str]:
     if params == FUNCTION_PARAMS:
         return _hf_forwards.function, ""
     if params == FUNCTION_V2_PARAMS:
-        return _hf_forwards.make_function_v2(found), ""
+        generation = _state.generation
+        return _hf_forwards.make_function_v2(found, lambda: _state.generation == generation), ""
     return None, f"signature {params} is neither {FUNCTION_PARAMS} nor {FUNCTION_V2_PARAMS}"
 
 
