@@ -218,10 +218,20 @@ def test_patch_routes_real_mmcv_ops_to_msda(mmcv_msda, monkeypatch):
             assert calls == [1]
     assert mmcv_msda.MultiScaleDeformableAttnFunction is msda_mmcv.MultiScaleDeformableAttnFunction
     assert mmcv_msda.multi_scale_deformable_attn_pytorch is msda_mmcv.multi_scale_deformable_attn_pytorch
+    # mmcv's own Function class, imported by name before patch(): its apply
+    # (mmcv's compiled op, the stand-in here, which raises) now runs msda.
+    value = torch.randn(2, sum(h * w for h, w in SHAPES), 4, 8)
+    locations, weights = torch.rand(2, 5, 4, len(SHAPES), 3, 2), torch.rand(2, 5, 4, len(SHAPES), 3)
+    got = originals["MultiScaleDeformableAttnFunction"].apply(
+        value, inputs["spatial_shapes"], inputs["level_start_index"], locations, weights, 64
+    )
+    expected = originals["multi_scale_deformable_attn_pytorch"](value, inputs["spatial_shapes"], locations, weights)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     msda_mmcv.unpatch()
     for name, original in originals.items():
         assert vars(mmcv_msda)[name] is original
     assert vars(mmcv_msda.MultiScaleDeformableAttention)["forward"] is original_forward
+    assert "apply" not in vars(originals["MultiScaleDeformableAttnFunction"])
     with torch.no_grad():
         assert torch.equal(direct(**inputs), want)
 

@@ -227,6 +227,9 @@ def patch() -> None:
         replacements = [
             (target, "MultiScaleDeformableAttnFunction", MultiScaleDeformableAttnFunction),
             (target, "multi_scale_deformable_attn_pytorch", multi_scale_deformable_attn_pytorch),
+            # code that imported mmcv's Function class by name before patch()
+            # (BEVFormer-style modules) still calls its apply: route that too
+            (target.MultiScaleDeformableAttnFunction, "apply", staticmethod(MultiScaleDeformableAttnFunction.apply)),
         ]
         cls = target.MultiScaleDeformableAttention
         if tuple(inspect.signature(cls.forward).parameters) == _FORWARD_PARAMS:
