@@ -187,7 +187,8 @@ def main() -> None:
         m, s = case["median_seconds"], case["speedup"]
         layer = f"{m['msda layer']:.3f}" if "msda layer" in m else "-"
         layer_x = f"{s['msda layer']:.2f}x" if "msda layer" in s else "-"
-        print(f"| {case['case']} | {m['transformers']:.3f} | {layer} | {m['msda']:.3f} | {layer_x} | {s['msda']:.2f}x |")
+        row = [case["case"], f"{m['transformers']:.3f}", layer, f"{m['msda']:.3f}", layer_x, f"{s['msda']:.2f}x"]
+        print("| " + " | ".join(row) + " |")
 
     result = {
         "benchmark": "hf_detr",

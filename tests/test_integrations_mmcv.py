@@ -153,9 +153,10 @@ def test_dropout_and_residual_keyword_match_mmcv(mmcv_msda):
 def test_state_dict_round_trip(mmcv_msda):
     theirs, ours = _pair(mmcv_msda, embed_dims=64, num_heads=8, num_levels=3, value_proj_ratio=0.5)
     assert list(ours.state_dict()) == list(theirs.state_dict())
-    fresh_theirs = mmcv_msda.MultiScaleDeformableAttention(embed_dims=64, num_heads=8, num_levels=3, value_proj_ratio=0.5)
+    kwargs = dict(embed_dims=64, num_heads=8, num_levels=3, value_proj_ratio=0.5)
+    fresh_theirs = mmcv_msda.MultiScaleDeformableAttention(**kwargs)
     fresh_theirs.load_state_dict(ours.state_dict(), strict=True)
-    fresh_ours = msda_mmcv.MultiScaleDeformableAttention(embed_dims=64, num_heads=8, num_levels=3, value_proj_ratio=0.5)
+    fresh_ours = msda_mmcv.MultiScaleDeformableAttention(**kwargs)
     fresh_ours.load_state_dict(theirs.state_dict(), strict=True)
     for a, b in zip(fresh_theirs.state_dict().values(), fresh_ours.state_dict().values()):
         assert torch.equal(a, b)
@@ -167,7 +168,10 @@ def test_constructor_and_forward_signatures_match_mmcv(mmcv_msda):
     assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
     theirs = inspect.signature(mmcv_msda.MultiScaleDeformableAttention.forward).parameters
     ours = inspect.signature(msda_mmcv.MultiScaleDeformableAttention.forward).parameters
-    assert [(p.name, p.default, p.kind) for p in ours.values()] == [(p.name, p.default, p.kind) for p in theirs.values()]
+    def described(params):
+        return [(p.name, p.default, p.kind) for p in params.values()]
+
+    assert described(ours) == described(theirs)
     theirs = list(inspect.signature(mmcv_msda.MultiScaleDeformableAttnFunction.forward).parameters)[1:]  # less ctx
     ours = list(inspect.signature(msda_mmcv.MultiScaleDeformableAttnFunction.apply).parameters)
     assert ours == theirs

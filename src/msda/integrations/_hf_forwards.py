@@ -120,11 +120,10 @@ def make_function_v2(
         num_points_list: list,
         method: str = "default",
     ) -> torch.Tensor:
+        args = (value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
         if not active():
-            return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
-        return function_v2(
-            value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method, original=original
-        )
+            return original(*args)
+        return function_v2(*args, original=original)
 
     multi_scale_deformable_attention_v2.__wrapped_original__ = original  # type: ignore[attr-defined]
     return multi_scale_deformable_attention_v2
