@@ -338,6 +338,33 @@ def test_enable_model_switches_stored_function():
     assert not torch.equal(got, want)
 
 
+def test_v2_cases_msda_does_not_compute_keep_transformers_code():
+    # d_fine with a different number of points per level: the original runs, bit for bit.
+    from transformers import DFineConfig
+    from transformers.models.d_fine import modeling_d_fine as dfine
+
+    torch.manual_seed(0)
+    config = DFineConfig(d_model=32, decoder_attention_heads=2, num_feature_levels=2, decoder_n_points=[2, 3])
+    shapes = [(6, 7), (3, 4)]
+    kwargs = dict(
+        reference_points=torch.rand(2, 5, 1, 4) * 0.5 + 0.25,
+        encoder_hidden_states=torch.randn(2, sum(h * w for h, w in shapes), 32),
+        spatial_shapes=torch.tensor(shapes),
+        spatial_shapes_list=shapes,
+    )
+    hidden = torch.randn(2, 5, 32)
+    original = dfine.multi_scale_deformable_attention_v2
+    before = dfine.DFineMultiscaleDeformableAttention(config).eval()
+    with torch.no_grad():
+        want, _ = before(hidden, **kwargs)
+        with msda_hf.enable():
+            layer = dfine.DFineMultiscaleDeformableAttention(config).eval()
+            layer.load_state_dict(before.state_dict())
+            assert layer.ms_deformable_attn_core is not original
+            got, _ = layer(hidden, **kwargs)
+    assert torch.equal(got, want)
+
+
 def test_compile_fullgraph_of_patched_attention():
     torch.manual_seed(0)
     model, inputs, _ = _deformable_detr()

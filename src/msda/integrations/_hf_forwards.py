@@ -21,7 +21,6 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "layer_forward",
     "function",
-    "function_v2",
     "make_function_v2",
     "wrapper_forward",
 ]
@@ -72,45 +71,17 @@ def function(
     return attention_from_shapes(value, value_spatial_shapes, sampling_locations, attention_weights)
 
 
-def function_v2(
-    value: torch.Tensor,
-    value_spatial_shapes: Union[torch.Tensor, list],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    num_points_list: list,
-    method: str = "default",
-    *,
-    original: Optional[Callable[..., torch.Tensor]] = None,
-) -> torch.Tensor:
-    """``multi_scale_deformable_attention_v2`` (rt_detr_v2, d_fine, deimv2) on
-    msda, where msda computes the same thing: bilinear sampling ("default") with
-    the same number of points on every level. Otherwise ``original`` runs
-    (the "discrete" method rounds to pixels; msda's op always interpolates)."""
-    points = [int(p) for p in num_points_list]
-    if method != "default" or len(set(points)) != 1:
-        if original is None:
-            raise ValueError(
-                f"msda runs multi_scale_deformable_attention_v2 only with method='default' and the same number of "
-                f"points on every level, got method={method!r}, num_points_list={points}"
-            )
-        return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
-    N, Lq, M = sampling_locations.shape[:3]
-    L, P = len(points), points[0]
-    shapes, starts = shapes_and_starts(value, value_spatial_shapes)
-    # v2 lays the points out level-major as (..., L*P): the same order as (L, P).
-    locations = sampling_locations.reshape(N, Lq, M, L, P, 2)
-    weights = attention_weights.reshape(N, Lq, M, L, P)
-    return ms_deform_attn(value, shapes, starts, match_dtype(value, locations), match_dtype(value, weights))
-
-
 def make_function_v2(
     original: Callable[..., torch.Tensor], active: Callable[[], bool] = lambda: True
 ) -> Callable[..., torch.Tensor]:
-    """``function_v2`` bound to the family's own function, with the original's
-    signature. The original runs for the cases msda does not cover, and
-    whenever ``active()`` is False: modules built while msda was enabled keep
-    this function as an attribute (d_fine, deimv2), and must go back to
-    transformers' code after ``disable()``."""
+    """``multi_scale_deformable_attention_v2`` (rt_detr_v2, d_fine, deimv2) on
+    msda, with the original's signature, where msda computes the same thing:
+    bilinear sampling (method "default") with the same number of points on
+    every level. Otherwise ``original`` runs (the "discrete" method rounds to
+    pixels; msda's op always interpolates), and also whenever ``active()`` is
+    False: modules built while msda was enabled keep this function as an
+    attribute (d_fine, deimv2), and must go back to transformers' code after
+    ``disable()``."""
 
     def multi_scale_deformable_attention_v2(
         value: torch.Tensor,
@@ -120,10 +91,16 @@ def make_function_v2(
         num_points_list: list,
         method: str = "default",
     ) -> torch.Tensor:
-        args = (value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
-        if not active():
-            return original(*args)
-        return function_v2(*args, original=original)
+        points = [int(p) for p in num_points_list]
+        if not active() or method != "default" or len(set(points)) != 1:
+            return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
+        N, Lq, M = sampling_locations.shape[:3]
+        L, P = len(points), points[0]
+        shapes, starts = shapes_and_starts(value, value_spatial_shapes)
+        # v2 lays the points out level-major as (..., L*P): the same order as (L, P).
+        locations = sampling_locations.reshape(N, Lq, M, L, P, 2)
+        weights = attention_weights.reshape(N, Lq, M, L, P)
+        return ms_deform_attn(value, shapes, starts, match_dtype(value, locations), match_dtype(value, weights))
 
     multi_scale_deformable_attention_v2.__wrapped_original__ = original  # type: ignore[attr-defined]
     return multi_scale_deformable_attention_v2
