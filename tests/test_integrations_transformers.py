@@ -386,6 +386,29 @@ def test_compile_fullgraph_of_patched_attention():
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+def test_compile_fullgraph_of_patched_function():
+    # mask2former's pixel decoder calls the function with a Python list of shapes.
+    torch.manual_seed(0)
+    model, inputs, _ = _mask2former()
+    _jitter_offsets(model, torch.Generator().manual_seed(2))
+    attention = next(m for m in model.modules() if type(m).__name__.endswith("EncoderMultiscaleDeformableAttention"))
+    captured = {}
+    hook = attention.register_forward_pre_hook(lambda m, a, k: captured.update(k, args=a), with_kwargs=True)
+    with torch.no_grad():
+        model.eval()(**inputs)
+    hook.remove()
+    args = captured.pop("args")
+    with torch.no_grad():
+        want = attention(*args, **captured)[0]
+    torch._dynamo.reset()
+    with msda_hf.enable():
+        compiled = torch.compile(attention, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            got = compiled(*args, **captured)[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 def test_autocast_bfloat16_runs_msda():
     torch.manual_seed(0)
     model, inputs, names = _deformable_detr()
