@@ -17,7 +17,10 @@ if [ -e "$work/shared" ]; then
   exit 1
 fi
 cd "$work/msda"
-unset MSDA_VENV  # the clone's own .venv, as the README's command makes it
+# The environment lives beside the CI checkout, not in the clone: the later
+# stages (.ci/sanitize.sh) use it after the clone is gone. What the suite sees
+# is only the clone (msda is installed from it, not linked).
+export MSDA_VENV="${MSDA_VENV:-$ROOT/.venv}"
 t0=$(date +%s)
 bash scripts/test.sh
 echo "=== bare_clone: tests done in $(( $(date +%s) - t0 )) s"
