@@ -22,6 +22,7 @@ DEPS=(
   "${MSDA_TORCH:-torch==2.13.0}" numpy             # the op
   pybind11 ninja "setuptools>=77" wheel           # the build
   pytest hypothesis                               # the tests
+  transformers                                    # tests: msda's v2 op against transformers' multi_scale_deformable_attention_v2 (issue 13)
   scipy pillow pycocotools matplotlib             # the example detector (matching, images, COCO AP, plots)
 )
 python -m pip install -q --disable-pip-version-check "${DEPS[@]}"
