@@ -193,3 +193,9 @@ def test_non_contiguous_and_mixed_index_dtypes(method):
                                  case.attention_weights, tuple(case.points), method)
     want = msda.ms_deform_attn_v2_reference(*case.args)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_backward_op_checks_grad_output():
+    case = small_case()
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(N, Lq, M\*D\) = \(1, 3, 8\), got \(1, 3, 7\)"):
+        torch.ops.msda.ms_deform_attn_v2_backward(*case.args, case.grad_output[..., :7])

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -73,13 +74,17 @@ V2Inputs prepare_v2(const at::Tensor& value, const at::Tensor& spatial_shapes, c
 }
 
 // Calls f with a null pointer of the discrete index type (float or double).
-template <typename F>
+// Only a float64 value can have float64 locations, so other value dtypes
+// instantiate the float32 index type alone.
+template <typename scalar_t, typename F>
 void with_index_type(const at::Tensor& loc, F&& f) {
-  if (loc.scalar_type() == at::kDouble) {
-    f(static_cast<const double*>(nullptr));
-  } else {
-    f(static_cast<const float*>(nullptr));
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    if (loc.scalar_type() == at::kDouble) {
+      f(static_cast<const double*>(nullptr));
+      return;
+    }
   }
+  f(static_cast<const float*>(nullptr));
 }
 
 at::Tensor forward_v2_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -98,7 +103,7 @@ at::Tensor forward_v2_cpu(const at::Tensor& value, const at::Tensor& spatial_sha
       forward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),
                                in.attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
     } else {
-      with_index_type(in.loc, [&](auto tag) {
+      with_index_type<scalar_t>(in.loc, [&](auto tag) {
         using loc_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
         discrete_forward<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<loc_t>(),
                                    in.attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
@@ -115,13 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_v2_cpu(
   const V2Inputs in = prepare_v2(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                  points_per_level, method);
   const Problem& p = in.layout.p;
-  const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
-                    shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
-  TORCH_CHECK_VALUE(grad_output.is_floating_point(), "grad_output must be a floating-point tensor, got ",
-                    grad_output.scalar_type());
-  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
-                    value.device(), "), got ", grad_output.device());
+  check_grad_output(grad_output, value, p);
   const at::Tensor go = grad_output.to(in.acc).contiguous();
   const bool any_points = p.N * p.Lq * p.M * p.L > 0;
   const bool discrete = in.method == V2Method::kDiscrete;
@@ -144,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_v2_cpu(
                                   grad_value.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
                                   grad_attn.mutable_data_ptr<acc_t>());
       } else {
-        with_index_type(in.loc, [&](auto tag) {
+        with_index_type<scalar_t>(in.loc, [&](auto tag) {
           using loc_t = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
           discrete_backward<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<loc_t>(),
                                       in.attn.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(),

@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
 from .checks_v2 import check_inputs_v2
-from .ops import DOUBLE_BACKWARD_ERROR, FORWARD_AD_ERROR, ms_deform_attn
+from .ops import FORWARD_AD_ERROR, _refuse_double_backward, _setup_nothing, ms_deform_attn
 from .reference_v2 import ms_deform_attn_v2_reference
 
 __all__ = ["ms_deform_attn_v2"]
@@ -141,14 +141,6 @@ def _backward(ctx, grad_output):
         None,
         None,
     )
-
-
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-
-def _setup_nothing(ctx, inputs, output) -> None:
-    return None
 
 
 def _register() -> None:
