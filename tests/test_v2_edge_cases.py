@@ -199,3 +199,11 @@ def test_backward_op_checks_grad_output():
     case = small_case()
     with pytest.raises(ValueError, match=r"grad_output must have shape \(N, Lq, M\*D\) = \(1, 3, 8\), got \(1, 3, 7\)"):
         torch.ops.msda.ms_deform_attn_v2_backward(*case.args, case.grad_output[..., :7])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_meta_tensors_get_shapes_from_the_fake_kernel(method):
+    case = small_case(method, points=(3, 0))
+    args = [t.to("meta") if t.is_floating_point() else t for t in case.inputs]
+    out = msda.ms_deform_attn_v2(*args, case.points, method)
+    assert out.device.type == "meta" and out.shape == (1, 3, 8)

@@ -23,6 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
+from .checks import check_grad_output
 from .checks_v2 import check_inputs_v2
 from .ops import FORWARD_AD_ERROR, _refuse_double_backward, _setup_nothing, ms_deform_attn
 from .reference_v2 import ms_deform_attn_v2_reference
@@ -100,7 +101,14 @@ def ms_deform_attn_v2(
     ):
         raise RuntimeError(FORWARD_AD_ERROR)
     device = value.device
-    if device.type not in V2_KERNEL_DEVICES:
+    if device.type == "meta":
+        # Shapes only: the registered fake kernel answers (as for v1's op).
+        if not _schema_registered():
+            raise RuntimeError(
+                f"msda.ms_deform_attn_v2 on meta tensors needs msda's compiled extension (its fake kernel): "
+                f"{_extension.UNAVAILABLE_REASON}. {_extension.BUILD_HINT}"
+            )
+    elif device.type not in V2_KERNEL_DEVICES:
         _extension.warn_fallback(device.type)
         return ms_deform_attn_v2_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points, method
@@ -159,6 +167,8 @@ def _register() -> None:
         check_inputs_v2(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, list(points), method
         )
+        # A meta grad_output with CPU inputs lands here (Meta wins over CPU).
+        check_grad_output(value, sampling_locations, grad_output)
         return (
             torch.empty_like(value, memory_format=torch.contiguous_format),
             torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
