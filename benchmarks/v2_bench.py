@@ -212,8 +212,11 @@ def main() -> int:
     parser.add_argument("--v1-check", action="store_true")
     parser.add_argument("--baseline-src", default=None)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the core count)")
     parser.add_argument("--worker", choices=["v1", "v2-uniform"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         v1_worker(args)
         return 0

@@ -90,6 +90,11 @@ inline void gather_item(const acc_t* weight, const scalar_t* const* rows, int64_
   }
 }
 
+// Items computed this many ahead of the one being summed, their rows
+// prefetched meanwhile (the forward waits on scattered rows of value; as in
+// forward_kernel.h's pipeline).
+constexpr int64_t kDiscreteAhead = 2;
+
 template <typename scalar_t, typename loc_t>
 void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn,
                       scalar_t* out) {
@@ -98,21 +103,30 @@ void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* 
   const int64_t points = p.L, row_stride = p.M * p.D;
   const DiscretePoints<loc_t> table(layout);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points * p.D));
+  const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
   at::parallel_for(0, p.N * p.Lq * p.M, grain, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for NaN points
-    std::vector<const scalar_t*> rows(points);
-    std::vector<acc_t> weight(points);
-    for (int64_t item = begin; item < end; ++item) {
+    // A ring of kDiscreteAhead + 1 items' rows and weights.
+    std::vector<const scalar_t*> rows((kDiscreteAhead + 1) * points);
+    std::vector<acc_t> weight((kDiscreteAhead + 1) * points);
+    auto compute = [&](int64_t item) {
+      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
       const int64_t m = item % p.M, n = item / p.M / p.Lq;
       const scalar_t* head = value + n * p.S * row_stride + m * p.D;
       for (int64_t i = 0; i < points; ++i) {
         const int64_t r = table.row(i, loc + 2 * item * points);
         // A NaN point gets weight 0 and the zero row, so even a NaN or inf
         // attention weight contributes exactly zero.
-        rows[i] = r < 0 ? zeros.data() : head + r * row_stride;
-        weight[i] = r < 0 ? acc_t(0) : attn[item * points + i];
+        rows[slot + i] = r < 0 ? zeros.data() : head + r * row_stride;
+        weight[slot + i] = r < 0 ? acc_t(0) : attn[item * points + i];
+        prefetch_range(rows[slot + i], prefetch_bytes);
       }
-      gather_item(weight.data(), rows.data(), points, p.D, out + item * p.D);
+    };
+    for (int64_t item = begin; item < std::min(end, begin + kDiscreteAhead); ++item) compute(item);
+    for (int64_t item = begin; item < end; ++item) {
+      if (item + kDiscreteAhead < end) compute(item + kDiscreteAhead);
+      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
+      gather_item(weight.data() + slot, rows.data() + slot, points, p.D, out + item * p.D);
     }
   });
 }
