@@ -207,3 +207,34 @@ def test_meta_tensors_get_shapes_from_the_fake_kernel(method):
     args = [t.to("meta") if t.is_floating_point() else t for t in case.inputs]
     out = msda.ms_deform_attn_v2(*args, case.points, method)
     assert out.device.type == "meta" and out.shape == (1, 3, 8)
+
+
+# ---------------------------------------------------------------- unsupported modes, fallback
+
+@pytest.mark.parametrize("method", METHODS)
+def test_double_backward_and_forward_ad_are_clear_errors(method):
+    case = small_case(method, points=(3, 0))
+    value = case.value.detach().clone().requires_grad_()
+    out = msda.ms_deform_attn_v2(value, *case.inputs[1:], case.points, method)
+    (grad,) = torch.autograd.grad(out.square().sum(), value, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad.sum().backward()
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(case.value, torch.ones_like(case.value))
+        with pytest.raises(RuntimeError, match="does not support forward-mode AD"):
+            msda.ms_deform_attn_v2(dual, *case.inputs[1:], case.points, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fallback_runs_the_reference_with_a_warning(method, monkeypatch):
+    from msda import _extension, ops_v2
+
+    monkeypatch.setattr(ops_v2, "V2_KERNEL_DEVICES", frozenset())
+    monkeypatch.setattr(_extension, "_warned", set())
+    monkeypatch.delenv(_extension.REQUIRE_ENV, raising=False)
+    case = small_case(method, points=(3, 0))
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
+        out = msda.ms_deform_attn_v2(*case.args)
+    assert torch.equal(out, msda.ms_deform_attn_v2_reference(*case.args))
