@@ -22,8 +22,9 @@ DEPS=(
   "${MSDA_TORCH:-torch==2.13.0}" numpy             # the op
   pybind11 ninja "setuptools>=77" wheel           # the build
   pytest hypothesis                               # the tests
-  transformers                                    # tests: msda's v2 op against transformers' multi_scale_deformable_attention_v2 (issue 13)
   scipy pillow pycocotools matplotlib             # the example detector (matching, images, COCO AP, plots)
+  transformers==5.24.0 mmcv-lite==2.2.0 kernels==0.17.2  # msda.integrations tests: HF models, mmcv's real module, kernels' kernelize;
+                                                        # transformers also for the v2 op against its multi_scale_deformable_attention_v2
 )
 python -m pip install -q --disable-pip-version-check "${DEPS[@]}"
 echo "== building msda against torch $(python -c 'import torch; print(torch.__version__)')"
