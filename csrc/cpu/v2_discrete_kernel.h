@@ -1,4 +1,5 @@
-// CPU kernels of the v2 op's discrete mode: each point reads the single
+// CPU kernels of the v2 op's discrete mode (compiled once per CPU
+// capability through csrc/cpu/capability/v2_discrete_kernels.cpp): each point reads the single
 // pixel of csrc/v2_discrete_index.h, weighted by its attention weight.
 //
 // Layout: the per-point Layout of v2_ms_deform_attn_cpu.cpp (p.L = the
@@ -16,10 +17,13 @@
 #include <vector>
 
 #include "cpu/layout.h"
+#include "cpu/per_capability.h"
+#include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
 #include "v2_discrete_index.h"
 
 namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
 
 // The size and first row of each point's level, in the index type loc_t.
 template <typename loc_t>
@@ -152,26 +156,36 @@ inline acc_t scatter_and_dot_row(const scalar_t* v, acc_t* grad, const acc_t* go
   return dot;
 }
 
-// grad_value must be zeroed by the caller; grad_attn is written whole.
+// grad_attn[idx] = the sum over channel blocks of their partial sums, in block order.
+template <typename acc_t>
+__attribute__((noinline)) void sum_block_partials(int64_t begin, int64_t end, const acc_t* partial, int64_t count,
+                                                  int64_t all_points, acc_t* grad_attn) {
+  for (int64_t idx = begin; idx < end; ++idx) {
+    acc_t total = 0;
+    for (int64_t b = 0; b < count; ++b) total += partial[b * all_points + idx];
+    grad_attn[idx] = total;
+  }
+}
+
+// Tasks [begin, end) of discrete_backward. A named function called from the
+// parallel region, not inlined into it: the OpenMP outlined function then
+// holds no vector code of this capability (tests/test_cpu_dispatch.py checks
+// that AVX-512 code is reachable only from the AVX-512 path).
 template <typename scalar_t, typename loc_t>
-void discrete_backward(const Layout& layout, const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn,
-                       const acc_type<scalar_t>* grad_out, acc_type<scalar_t>* grad_value,
-                       acc_type<scalar_t>* grad_attn) {
+__attribute__((noinline)) void discrete_backward_tasks(
+    int64_t begin, int64_t end, const Layout& layout, const DiscretePoints<loc_t>& table, const ChannelBlocks& blocks,
+    const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn, const acc_type<scalar_t>* grad_out,
+    acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_attn, acc_type<scalar_t>* partial) {
   using acc_t = acc_type<scalar_t>;
   const Problem& p = layout.p;
   const int64_t points = p.L, row_stride = p.M * p.D;
   const int64_t all_points = p.N * p.Lq * p.M * points;
-  const DiscretePoints<loc_t> table(layout);
-  const ChannelBlocks blocks = channel_blocks(p.D, p.N * p.M);
-  // With several channel blocks each writes its partial weight gradients.
-  std::vector<acc_t> partial(blocks.count > 1 ? blocks.count * all_points : 0);
-  at::parallel_for(0, p.N * p.M * blocks.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks.count;
       const int64_t m = task / blocks.count % p.M, n = task / blocks.count / p.M;
       const int64_t c0 = block * blocks.width, width = std::min(blocks.width, p.D - c0);
       const int64_t head = n * p.S * row_stride + m * p.D + c0;
-      acc_t* g_attn = blocks.count > 1 ? partial.data() + block * all_points : grad_attn;
+      acc_t* g_attn = blocks.count > 1 ? partial + block * all_points : grad_attn;
       for (int64_t q = 0; q < p.Lq; ++q) {
         const int64_t item = (n * p.Lq + q) * p.M + m;
         const acc_t* go = grad_out + item * p.D + c0;
@@ -184,16 +198,31 @@ void discrete_backward(const Layout& layout, const scalar_t* value, const loc_t*
         }
       }
     }
+}
+
+// grad_value must be zeroed by the caller; grad_attn is written whole.
+template <typename scalar_t, typename loc_t>
+void discrete_backward(const Layout& layout, const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn,
+                       const acc_type<scalar_t>* grad_out, acc_type<scalar_t>* grad_value,
+                       acc_type<scalar_t>* grad_attn) {
+  using acc_t = acc_type<scalar_t>;
+  const Problem& p = layout.p;
+  const int64_t points = p.L;
+  const int64_t all_points = p.N * p.Lq * p.M * points;
+  const DiscretePoints<loc_t> table(layout);
+  const ChannelBlocks blocks = channel_blocks(p.D, p.N * p.M);
+  // With several channel blocks each writes its partial weight gradients.
+  std::vector<acc_t> partial(blocks.count > 1 ? blocks.count * all_points : 0);
+  at::parallel_for(0, p.N * p.M * blocks.count, 1, [&](int64_t begin, int64_t end) {
+    discrete_backward_tasks<scalar_t, loc_t>(begin, end, layout, table, blocks, value, loc, attn, grad_out, grad_value,
+                                             grad_attn, partial.data());
   });
   if (blocks.count > 1) {
     at::parallel_for(0, all_points, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        acc_t total = 0;
-        for (int64_t b = 0; b < blocks.count; ++b) total += partial[b * all_points + idx];
-        grad_attn[idx] = total;
-      }
+      sum_block_partials(begin, end, partial.data(), blocks.count, all_points, grad_attn);
     });
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace msda::cpu
