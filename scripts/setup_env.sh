@@ -23,6 +23,7 @@ DEPS=(
   pybind11 ninja "setuptools>=77" wheel           # the build
   pytest hypothesis                               # the tests
   scipy pillow pycocotools matplotlib             # the example detector (matching, images, COCO AP, plots)
+  onnx onnxscript onnxruntime                     # ONNX export (msda.onnx) and running the exported graphs
 )
 python -m pip install -q --disable-pip-version-check "${DEPS[@]}"
 echo "== building msda against torch $(python -c 'import torch; print(torch.__version__)')"
