@@ -10,6 +10,7 @@ For every image, writes <output-dir>/<name>.png (boxes, labels and scores drawn)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from .api import AUTOCAST_DTYPES, Detector
 from .checkpoint import CheckpointError
 from .configs import VARIANTS
 from .draw import draw_detections
+from .export import BACKENDS, exported_detector
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -42,6 +44,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--short-side", type=int, default=800, help="resize the short side to this (default: %(default)s)")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the long side after resizing (default: %(default)s)")
     p.add_argument("--class-names", help="text file with one class name per line (label index = line number); default COCO")
+    p.add_argument(
+        "--backend", choices=("torch", *BACKENDS), default="torch",
+        help="torch (default): run the checkpoint; onnxruntime/aoti: CHECKPOINT is a file from examples.deformable_detr.export",
+    )
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -101,8 +107,10 @@ def run(args: argparse.Namespace) -> list[str]:
             raise PredictError(f"class names file not found: {args.class_names}")
         with open(args.class_names, encoding="utf-8") as f:
             class_names = [line.strip() for line in f]
+    # an exported file (examples.deformable_detr.export) or a checkpoint
+    load = Detector.from_checkpoint if args.backend == "torch" else functools.partial(exported_detector, backend=args.backend)
     try:
-        detector = Detector.from_checkpoint(
+        detector = load(
             args.checkpoint, variant=args.variant, device=args.device, autocast=args.autocast,
             short_side=args.short_side, max_size=args.max_size,
             **({"class_names": class_names} if class_names is not None else {}),

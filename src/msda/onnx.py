@@ -185,21 +185,43 @@ def _tensorrt_node(
     dtype = torch.float32 if torch.float32 in dtypes else torch.float16
     N, _, M, D = value.shape
     Lq = sampling_locations.shape[1]
-    out = torch.onnx.ops.symbolic(
-        f"{domain}::{TENSORRT_OP}",
-        (
-            value.to(dtype),
-            spatial_shapes.to(torch.int32),
-            level_start_index.to(torch.int32),
-            sampling_locations.to(dtype),
-            attention_weights.to(dtype),
-        ),
-        {},
-        dtype=dtype,
-        shape=(N, Lq, M, D),
-        version=1,
+    inputs = (
+        value.to(dtype),
+        spatial_shapes.to(torch.int32),
+        level_start_index.to(torch.int32),
+        sampling_locations.to(dtype),
+        attention_weights.to(dtype),
     )
+    if torch.jit.is_tracing():
+        # The TorchScript exporter cannot translate torch.onnx.ops.symbolic;
+        # it takes the node from an autograd.Function's symbolic() instead.
+        out = _TensorRTNode.apply(domain, *inputs)
+    else:
+        out = torch.onnx.ops.symbolic(
+            f"{domain}::{TENSORRT_OP}", inputs, {}, dtype=dtype, shape=(N, Lq, M, D), version=1
+        )
     return out.reshape(N, Lq, M * D).to(value.dtype)
+
+
+class _TensorRTNode(torch.autograd.Function):
+    """TensorRT's node for the TorchScript exporter (``dynamo=False``)."""
+
+    @staticmethod
+    def forward(ctx: Any, domain: str, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):  # type: ignore[override]
+        # The traced result is only a placeholder for the node; computing the
+        # real one keeps the exporter's own output check meaningful.
+        N, _, M, D = value.shape
+        out = decomposed_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return out.reshape(N, sampling_locations.shape[1], M, D)
+
+    @staticmethod
+    def symbolic(g: Any, domain: str, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        out = g.op(f"{domain}::{TENSORRT_OP}", value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # (N, Lq, M, D): N, M, D from value, Lq from the locations, so shape inference has it
+        value_type, locations_type = value.type(), sampling_locations.type()
+        sizes = [value_type.varyingSizes()[0], locations_type.varyingSizes()[1], *value_type.varyingSizes()[2:]]
+        out.setType(value_type.with_sizes(sizes))
+        return out
 
 
 def decompose(program: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":
