@@ -247,7 +247,8 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
     import onnxscript
     from onnxscript import opset18 as op
 
-    plugin = onnxscript.values.Opset(domain, 1)
+    _register_tensorrt_schema(domain)
+    plugin = getattr(onnxscript.values.Opset(domain, 1), TENSORRT_OP)
     int32, float32 = onnxscript.ir.DataType.INT32, onnxscript.ir.DataType.FLOAT
     allowed = {onnxscript.ir.DataType.FLOAT, onnxscript.ir.DataType.FLOAT16}
 
@@ -259,7 +260,7 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
                 f"got {value.dtype}"
             )
         dtype = float32 if float32 in dtypes else value.dtype
-        out = getattr(plugin, TENSORRT_OP)(
+        out = plugin(
             op.Cast(value, to=dtype),
             op.Cast(spatial_shapes, to=int32),
             op.Cast(level_start_index, to=int32),
@@ -271,6 +272,31 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
         return op.Cast(op.Reshape(out, shape), to=value.dtype)
 
     return {torch.ops.msda.ms_deform_attn_forward.default: ms_deform_attn_tensorrt}
+
+
+def _register_tensorrt_schema(domain: str) -> None:
+    """onnxscript builds nodes from ONNX schemas: declare the plugin's (inputs, types) once per domain."""
+    import onnx
+
+    if onnx.defs.has(TENSORRT_OP, domain):
+        return
+    param = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        TENSORRT_OP,
+        domain,
+        1,
+        doc="TensorRT's multi-scale deformable attention plugin; output (N, Lq, M, D).",
+        inputs=[
+            param("value", "T"),
+            param("spatial_shapes", "tensor(int32)"),
+            param("level_start_index", "tensor(int32)"),
+            param("sampling_locations", "T"),
+            param("attention_weights", "T"),
+        ],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float32 or float16")],
+    )
+    onnx.defs.register_schema(schema)
 
 
 def _addcdiv_symbolic(g: Any, self: Any, tensor1: Any, tensor2: Any, value: float) -> Any:
