@@ -109,6 +109,7 @@ def main() -> None:
         "rows": rows,
         "machine": machine(),
         "onnxruntime": __import__("onnxruntime").__version__,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
