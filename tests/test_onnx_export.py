@@ -281,7 +281,7 @@ def test_tensorrt_plugin_needs_a_custom_domain():
 def test_tensorrt_context_is_restored_after_export(tmp_path):
     args = op_inputs(1, 3, EXPORT_SHAPES)
     with msda.onnx.tensorrt_plugin():
-        pass
+        export_file(Op(), args, str(tmp_path / "trt.onnx"), OP_INPUTS, {}, dynamo=False)
     session = export(Op(), args, str(tmp_path / "after.onnx"), OP_INPUTS, {}, dynamo=False)
     torch.testing.assert_close(run(session, args), msda.ms_deform_attn(*args), atol=ATOL, rtol=0)
 

@@ -14,12 +14,12 @@ The one entry point for everything else is this module:
 * :func:`tensorrt_plugin`: a context under which the op is exported as the
   single node ``MultiscaleDeformableAttnPlugin_TRT`` that TensorRT's plugin
   implements, instead of the decomposition.
-* :func:`translation_table`: the ``custom_translation_table`` for users who
-  run ``torch.export`` themselves and then export the ``ExportedProgram``
-  (there the op is already a ``torch.ops.msda`` node, which the exporter
-  cannot look into).
-* :func:`decompose`: the same for an ``ExportedProgram`` without onnxscript:
-  replaces the op by the decomposition (``ExportedProgram.run_decompositions``).
+* For users who run ``torch.export`` themselves and then export the
+  ``ExportedProgram`` (there the op is already a ``torch.ops.msda`` node, which
+  the exporter cannot look into): :func:`decompose` replaces those nodes by the
+  decomposition (``ExportedProgram.run_decompositions``), and
+  :func:`translation_table` is the ``custom_translation_table`` that writes
+  them as TensorRT's node.
 
 The decomposition follows the op's contract (docs: spec §1-§2) rather than
 relying on the runtime: onnxruntime's GridSample returns non-zero values for
@@ -58,6 +58,11 @@ TENSORRT_DTYPES = (torch.float32, torch.float16)
 _tensorrt_domain: Optional[str] = None
 
 
+def _check_domain(domain: str) -> None:
+    if not domain or domain == "ai.onnx":
+        raise ValueError(f"domain must be a custom ONNX domain (onnx's checker rejects unknown ops in {domain!r})")
+
+
 @contextlib.contextmanager
 def tensorrt_plugin(domain: str = TENSORRT_DOMAIN) -> Iterator[None]:
     """Export msda's op as TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` node.
@@ -78,8 +83,7 @@ def tensorrt_plugin(domain: str = TENSORRT_DOMAIN) -> Iterator[None]:
         domain: the ONNX domain of the node (must not be the default domain "").
     """
     global _tensorrt_domain
-    if not domain or domain == "ai.onnx":
-        raise ValueError(f"domain must be a custom ONNX domain (onnx's checker rejects unknown ops in {domain!r})")
+    _check_domain(domain)
     previous, _tensorrt_domain = _tensorrt_domain, domain
     try:
         yield
@@ -242,8 +246,7 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
     For the decomposed form of such a program use :func:`decompose` instead
     (the decomposition exists once, in PyTorch). Needs onnxscript.
     """
-    if not domain or domain == "ai.onnx":
-        raise ValueError(f"domain must be a custom ONNX domain (onnx's checker rejects unknown ops in {domain!r})")
+    _check_domain(domain)
     import onnxscript
     from onnxscript import opset18 as op
 
