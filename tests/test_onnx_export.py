@@ -320,3 +320,44 @@ def test_translation_table_gives_tensorrt_node(tmp_path, user_program):
     node = node_of(model, msda.onnx.TENSORRT_OP)
     assert node.domain == msda.onnx.TENSORRT_DOMAIN
     assert dims(model.graph.output[0])[2] == M * D
+
+
+# ---- integration modules ------------------------------------------------------------------------
+
+
+class MmcvLayer(torch.nn.Module):
+    """msda.integrations.mmcv's MultiScaleDeformableAttention (batch_first) with tensor-only inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from msda.integrations.mmcv import MultiScaleDeformableAttention
+
+        torch.manual_seed(0)
+        self.layer = MultiScaleDeformableAttention(embed_dims=16, num_heads=2, num_levels=2, num_points=3, batch_first=True)
+        with torch.no_grad():
+            for p in self.layer.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+
+    def forward(self, query, value, reference_points, spatial_shapes, level_start_index):
+        return self.layer(
+            query, value=value, reference_points=reference_points,
+            spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+        )
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_mmcv_integration_module_exports(tmp_path, dynamo):
+    names = ["query", "value", "reference_points", "spatial_shapes", "level_start_index"]
+    dynamic = {"query": {0: "N", 1: "Lq"}, "value": {0: "N", 1: "S"}, "reference_points": {0: "N", 1: "Lq"}}
+
+    def inputs(N, Lq, shapes, seed):
+        query, reference, flatten, spatial_shapes, starts, _ = module_inputs(N, Lq, shapes, False, seed)
+        return query, flatten, reference, spatial_shapes, starts
+
+    layer = MmcvLayer().eval()
+    session = export(layer, inputs(2, 7, EXPORT_SHAPES, 0), str(tmp_path / "mmcv.onnx"), names, dynamic, dynamo)
+    for seed, (N, Lq, shapes) in enumerate(RUN_SHAPES):
+        args = inputs(N, Lq, shapes, seed)
+        with torch.no_grad():
+            want = layer(*args)
+        torch.testing.assert_close(run(session, args), want, atol=ATOL, rtol=0)
