@@ -361,3 +361,28 @@ def test_mmcv_integration_module_exports(tmp_path, dynamo):
         with torch.no_grad():
             want = layer(*args)
         torch.testing.assert_close(run(session, args), want, atol=ATOL, rtol=0)
+
+
+class HfFunction(torch.nn.Module):
+    """msda.integrations' replacement for transformers' ``multi_scale_deformable_attention``
+    (the level start rows are computed from the shapes inside the graph)."""
+
+    def forward(self, value, spatial_shapes, sampling_locations, attention_weights):
+        from msda.integrations._hf_forwards import function
+
+        return function(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_transformers_integration_function_exports(tmp_path, dynamo):
+    names = ["value", "spatial_shapes", "sampling_locations", "attention_weights"]
+    dynamic = {k: v for k, v in OP_DYNAMIC.items()}
+
+    def inputs(N, Lq, shapes, seed):
+        value, spatial_shapes, _, locations, weights = op_inputs(N, Lq, shapes, seed)
+        return value, spatial_shapes, locations, weights
+
+    session = export(HfFunction(), inputs(2, 7, EXPORT_SHAPES, 0), str(tmp_path / "hf.onnx"), names, dynamic, dynamo)
+    for seed, (N, Lq, shapes) in enumerate(RUN_SHAPES):
+        args = inputs(N, Lq, shapes, seed)
+        torch.testing.assert_close(run(session, args), HfFunction()(*args), atol=ATOL, rtol=0)
