@@ -55,7 +55,10 @@ echo "=== sanitize: building the CPU extension with $SANITIZE"
 t0=$(date +%s)
 # setup.py appends MSDA_CPU_FLAGS to the compile flags; distutils appends
 # LDFLAGS to the link command, which must link the sanitizer runtimes too.
-(cd "$work" && MSDA_CPU_FLAGS="-march=native $SANITIZE" LDFLAGS="-fsanitize=address,undefined" \
+# Only the best path this CPU allows (plus the baseline, always compiled) is
+# built: it is the one the tests run, and the build takes half the time.
+best="$("$PYTHON" -c 'import msda._C as c; print(c.cpu_capabilities_allowed()[0])' 2>/dev/null || echo default)"
+(cd "$work" && MSDA_CPU_CAPABILITIES="$best" MSDA_CPU_FLAGS="$SANITIZE" LDFLAGS="-fsanitize=address,undefined" \
   "$PYTHON" setup.py -q build_ext --inplace >"$work/build.log" 2>&1) || {
   tail -n 40 "$work/build.log"
   exit 1
