@@ -11,13 +11,20 @@
 //   * blocks and their threads run in a shuffled order (seeded, reproducible),
 //     and threads switch only at __syncthreads and warp operations, so a
 //     missing barrier lets one thread run far ahead of another;
-//   * shared memory is poisoned (all bytes 0xFF: NaN) before each block;
+//   * shared memory is poisoned (all bytes 0xFF: NaN) before each block
+//     (memory_checks.h);
 //   * every thread must reach each __syncthreads, at the same source line,
 //     none having exited;
 //   * warp shuffles: the caller must be in the mask, every named lane must
 //     arrive at the same operation with the same mask, a lane may only read a
 //     named lane, width is a power of two <= 32;
-//   * vector loads/stores and atomics assert the alignment the GPU needs.
+//   * vector loads/stores and atomics assert the alignment the GPU needs;
+//   * shared memory has red zones between its arrays, checked after each
+//     block, and every tensor the kernels touch is a copy fenced by poisoned
+//     bytes and unmapped pages (memory_checks.h);
+//   * atomics are counted (a plain `+=` in place of atomicAdd changes the count);
+//   * the grid can be capped (set_grid_cap) so that grid-stride loops run
+//     several rounds.
 // An error stops the launch and throws std::runtime_error naming the block
 // and thread.
 //
@@ -37,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -52,13 +60,17 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Statics of one section: the emulator finds them (__start_/__stop_ symbols
-// the linker provides) to poison them before each block. Blocks run one at a
-// time, so a static is exactly a block's shared memory.
-#define __shared__ __attribute__((section("msda_emu_shared"), aligned(16))) static
-
-extern "C" char __start_msda_emu_shared[] __attribute__((weak));
-extern "C" char __stop_msda_emu_shared[] __attribute__((weak));
+// A __shared__ array is a static: blocks run one at a time, so a static is
+// exactly a block's shared memory. Each one comes with a 4 KiB static of its
+// own declared just before it, which the compiler places next to it: a red
+// zone that memory_checks.h poisons before each block and checks after it.
+// (A section attribute would be simpler, but GCC ignores it for statics of
+// function templates.)
+#define MSDA_EMU_CAT2(a, b) a##b
+#define MSDA_EMU_CAT(a, b) MSDA_EMU_CAT2(a, b)
+#define __shared__                                                                                        \
+  __attribute__((used, aligned(4096))) static char MSDA_EMU_CAT(msda_emu_red_zone_, __LINE__)[4096]; \
+  __attribute__((aligned(4096))) static
 
 struct uint3 {
   unsigned x, y, z;
@@ -131,7 +143,7 @@ struct Fiber {
 };
 
 struct Stats {
-  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0;
+  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0, atomics = 0;
 };
 
 struct Emulator {
@@ -149,6 +161,7 @@ struct Emulator {
   std::string error;
   std::mt19937_64 rng{0};
   uint64_t seed = 0x5eed;
+  int64_t grid_cap = 0x7fffffff;  // largest grid.x the launch code may pick
   Stats stats;
   // Fiber stacks, allocated once for the largest block.
   char* stacks = nullptr;
@@ -237,10 +250,14 @@ inline void* initial_stack(int i) {
   return sp;
 }
 
+inline void poison_shared();
+inline void check_shared_red_zones();
+inline void release_device_copies();
+inline void guard_device_faults(bool on);
+
 inline void run_block(uint3 block_idx) {
   g.block_idx = block_idx;
-  const size_t shared = static_cast<size_t>(__stop_msda_emu_shared - __start_msda_emu_shared);
-  if (shared) std::memset(__start_msda_emu_shared, 0xff, shared);
+  poison_shared();
   const int n = g.threads;
   for (int i = 0; i < n; ++i) {
     Fiber& f = g.fibers[i];
@@ -280,7 +297,10 @@ inline void run_block(uint3 block_idx) {
     }
     throw std::runtime_error(s.str());
   }
+  check_shared_red_zones();
 }
+
+inline size_t shared_bytes_declared();
 
 inline void check_launch(dim3 grid, dim3 block, size_t dynamic_shared) {
   std::ostringstream s;
@@ -291,7 +311,7 @@ inline void check_launch(dim3 grid, dim3 block, size_t dynamic_shared) {
     s << "invalid configuration argument: block (" << block.x << ", " << block.y << ", " << block.z << ")";
   else if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
     s << "invalid configuration argument: grid (" << grid.x << ", " << grid.y << ", " << grid.z << ")";
-  const size_t shared = static_cast<size_t>(__stop_msda_emu_shared - __start_msda_emu_shared) + dynamic_shared;
+  const size_t shared = shared_bytes_declared() + dynamic_shared;
   if (s.str().empty() && shared > kMaxSharedBytes) s << "too much shared memory: " << shared << " bytes";
   if (!s.str().empty()) throw std::runtime_error("CUDA emulation: " + s.str());
 }
@@ -434,10 +454,11 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 inline void __syncwarp(unsigned mask = 0xffffffffu) { msda_emu::warp_op(msda_emu::WarpOp::SyncWarp, mask, 0, 0, 32); }
 
 // Atomics: the emulation runs one thread at a time, so a plain update is atomic;
-// the alignment is checked as the GPU would.
+// the alignment is checked as the GPU would, and the calls are counted.
 template <typename T>
 T emulated_atomic_add(T* address, T v) {
   msda_emu::check_aligned(address, sizeof(T), "atomicAdd");
+  ++msda_emu::g.stats.atomics;
   const T old = *address;
   *address = old + v;
   return old;
@@ -446,3 +467,5 @@ inline float atomicAdd(float* address, float v) { return emulated_atomic_add(add
 inline double atomicAdd(double* address, double v) { return emulated_atomic_add(address, v); }
 inline int atomicAdd(int* address, int v) { return emulated_atomic_add(address, v); }
 inline unsigned atomicAdd(unsigned* address, unsigned v) { return emulated_atomic_add(address, v); }
+
+#include "memory_checks.h"

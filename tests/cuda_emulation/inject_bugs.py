@@ -1,8 +1,8 @@
 """Show that the CUDA emulation tests catch deliberate bugs in the CUDA kernels.
 
 For each bug below: copy csrc/ to a temporary directory, apply the one edit,
-rebuild the emulation harness against the copy, run tests/test_cuda_emulation.py
-(stopping at the first failure), and record whether it failed. The unmodified
+rebuild the emulation harness against the copy, run the emulation tests
+(TEST_FILES, stopping at the first failure), and record whether it failed. The unmodified
 sources run first and must pass. Prints a table bug -> caught / MISSED.
 
     python tests/cuda_emulation/inject_bugs.py [--only NAME ...] [--list]
@@ -25,6 +25,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 KERNELS = "cuda/ms_deform_attn_kernels.cuh"
+# The test files that run the emulated CUDA kernels (with -x: the first failure ends a run).
+TEST_FILES = ["test_window_edges.py", "test_large.py", "test_cuda_emulation.py"]  # the quick ones first
 LAUNCH = "cuda/ms_deform_attn_launch.h"
 
 
@@ -87,6 +89,49 @@ BUGS = [
     Bug("invalid levels not skipped", "memory safety", KERNELS,
         "lv.valid = lv.H >= 1 && lv.W >= 1 && lv.start >= 0 && lv.start <= S &&",
         "lv.valid = lv.H >= 1 && lv.W >= 1 &&"),
+    # The classes an independent set of injected bugs found missed (issue 12).
+    Bug("sampling window admits x == W", "window edge", KERNELS,
+        "if (!(x > acc_t(-1) && x < W && y > acc_t(-1) && y < H)) return false;",
+        "if (!(x > acc_t(-1) && x <= W && y > acc_t(-1) && y < H)) return false;"),
+    Bug("sampling window admits y == -1", "window edge", KERNELS,
+        "if (!(x > acc_t(-1) && x < W && y > acc_t(-1) && y < H)) return false;",
+        "if (!(x > acc_t(-1) && x < W && y >= acc_t(-1) && y < H)) return false;"),
+    Bug("grad_value += instead of atomicAdd", "race", KERNELS,
+        "for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, aw * go[i]);",
+        "for (int i = 0; i < VEC; ++i) dst[i] += aw * go[i];"),
+    Bug("forward grid-stride step doubled", "grid-stride loop", KERNELS,
+        "       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const int64_t hq = div_floor(t, groups);",
+        "       t += 2 * static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const int64_t hq = div_floor(t, groups);"),
+    Bug("backward vectorised although grad_output is misaligned", "alignment", LAUNCH,
+        "if (can_vectorize<scalar_t>(p.D, {&in.value, &go})) {",
+        "if (can_vectorize<scalar_t>(p.D, {&in.value})) {"),
+    Bug("block kernel with more warps than its shared array holds", "shared memory bounds", LAUNCH,
+        "std::min<int64_t>(ceil_div(groups, kWarpSize) * kWarpSize, kThreadsPerBlock)",
+        "std::min<int64_t>(ceil_div(groups, kWarpSize) * kWarpSize, 2 * kThreadsPerBlock)"),
+    Bug("forward value offset truncated to int32", "64-bit indexing", KERNELS,
+        "h.value_offset = (h.n * S * M + h.m) * D;",
+        "h.value_offset = static_cast<int32_t>((h.n * S * M + h.m) * D);"),
+    Bug("forward row offset truncated to int32", "64-bit indexing", KERNELS,
+        "load_pack<scalar_t, VEC>(v + cn.row[k] * row_stride);\n#pragma unroll\n          for (int i = 0; i < VEC; ++i) acc[i]",
+        "load_pack<scalar_t, VEC>(v + static_cast<int32_t>(cn.row[k] * row_stride));\n#pragma unroll\n"
+        "          for (int i = 0; i < VEC; ++i) acc[i]"),
+    Bug("grad_value terms rounded to the 16-bit dtype before the atomic", "precision", KERNELS,
+        "atomicAdd(dst + i, aw * go[i]);",
+        "atomicAdd(dst + i, static_cast<acc_t>(static_cast<scalar_t>(aw * go[i])));"),
+    # What the deterministic memory checks are for.
+    Bug("grad_value not zeroed", "unzeroed output", LAUNCH,
+        ": at::zeros(in.value.sizes(), value.options().dtype(acc));",
+        ": at::empty(in.value.sizes(), value.options().dtype(acc));"),
+    # The deterministic backward.
+    Bug("deterministic gather skips a row's last entry", "deterministic backward", KERNELS,
+        "for (int64_t j = row_begin[row]; j < row_begin[row + 1]; ++j) {",
+        "for (int64_t j = row_begin[row]; j + 1 < row_begin[row + 1]; ++j) {"),
+    Bug("deterministic keys forget the head", "deterministic backward", KERNELS,
+        "key[4 * t + k] = ok ? static_cast<int32_t>((n * S + cn.row[k]) * M + m) : none;",
+        "key[4 * t + k] = ok ? static_cast<int32_t>((n * S + cn.row[k]) * M) : none;"),
+    Bug("corner check admits the column past the last", "memory safety", KERNELS,
+        "const bool x_ok[2] = {x0 >= 0, x0 + 1 < lv.W};",
+        "const bool x_ok[2] = {x0 >= 0, x0 + 1 <= lv.W};"),
 ]
 
 
@@ -106,8 +151,8 @@ def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
     """Return (outcome, seconds, last line): 'passed', 'failed', 'crashed', 'build error' or 'timeout'."""
     env = dict(os.environ, MSDA_EMULATION_CSRC=csrc, MSDA_CACHE_DIR=cache, CI=os.environ.get("CI", "true"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-           os.path.join(REPO_ROOT, "tests", "test_cuda_emulation.py")]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    cmd += [os.path.join(REPO_ROOT, "tests", name) for name in TEST_FILES]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
