@@ -194,9 +194,10 @@ def test_atomics_one_per_valid_corner_and_channel(emu, D, dtype):
 
 def test_shared_arrays_have_red_zones(emu):
     # One partial-sums array per block-kernel instantiation (4 dtypes x 2
-    # vector widths) plus the selftest's, each with a red zone after it.
+    # vector widths x with and without grad_value) plus the selftests', each
+    # with a red zone after it.
     arrays = shared_arrays(emu.__file__)
-    assert len(arrays) >= 9 and all(red_zone >= 16 for _, _, red_zone in arrays)
+    assert len(arrays) >= 17 and all(red_zone >= 16 for _, _, red_zone, _ in arrays)
 
 
 # Deliberately wrong kernels (tests/cuda_emulation/selftest_kernels.h): every

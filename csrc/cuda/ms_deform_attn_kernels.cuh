@@ -208,10 +208,12 @@ __global__ void ms_deform_attn_forward_kernel(
 
 // ---------------------------------------------------------------------------
 // Backward, shared part: for one sampling point and VEC channels, scatter
-// grad_value (float32/float64 atomics; not when gv is null) and return this
-// thread's partial sums of d/d(attention weight) and d/d(pixel x, y) over its
-// channels.
-template <typename scalar_t, typename acc_t, int VEC>
+// grad_value (float32/float64 atomics; not without kScatter, for the
+// deterministic algorithm, which computes it apart) and return this thread's
+// partial sums of d/d(attention weight) and d/d(pixel x, y) over its channels.
+// (A template flag rather than a null check: the check costs the 16-bit
+// 8-wide warp kernel 16-24 more registers.)
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter>
 __device__ __forceinline__ void backward_point(const scalar_t* v, acc_t* gv, int64_t row_stride,
                                                const Corners<acc_t>& cn, acc_t a, const acc_t* go, acc_t& g_attn,
                                                acc_t& g_x, acc_t& g_y) {
@@ -222,7 +224,7 @@ __device__ __forceinline__ void backward_point(const scalar_t* v, acc_t* gv, int
       const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(v + cn.row[k] * row_stride);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) corner[k][i] = static_cast<acc_t>(x.v[i]);
-      if (gv != nullptr) {  // null: the deterministic algorithm computes grad_value apart
+      if constexpr (kScatter) {
         const acc_t aw = a * cn.w[k];
         acc_t* dst = gv + cn.row[k] * row_stride;
 #pragma unroll
@@ -262,7 +264,7 @@ __device__ __forceinline__ acc_t segment_sum(acc_t x, unsigned mask, int width) 
 // of `width` lanes (the next power of two >= D/VEC; lanes past D/VEC only add
 // zeros). Location and weight gradients are reduced with warp shuffles and
 // written once, by the segment's first lane.
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter>
 __global__ void ms_deform_attn_backward_warp_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
@@ -283,7 +285,7 @@ __global__ void ms_deform_attn_backward_warp_kernel(
     const int64_t c = active ? g * VEC : 0;
     const HeadQuery h = head_query(hq, S, M, D, Lq);
     const scalar_t* v = value + h.value_offset + c;
-    acc_t* gv = grad_value != nullptr ? grad_value + h.value_offset + c : nullptr;
+    acc_t* gv = kScatter ? grad_value + h.value_offset + c : nullptr;
     const acc_t* hq_loc = loc + hq * L * P * 2;
     const acc_t* hq_attn = attn + hq * L * P;
     acc_t go[VEC];
@@ -302,7 +304,8 @@ __global__ void ms_deform_attn_backward_warp_kernel(
         const acc_t a = hq_attn[l * P + p];
         // Uniform across the segment (same head-query and point).
         if (lv.valid && locate(hq_loc[2 * (l * P + p)], hq_loc[2 * (l * P + p) + 1], lv, cn)) {
-          if (active) backward_point<scalar_t, acc_t, VEC>(v, gv, row_stride, cn, a, go, g_attn, g_x, g_y);
+          if (active)
+            backward_point<scalar_t, acc_t, VEC, kScatter>(v, gv, row_stride, cn, a, go, g_attn, g_x, g_y);
           g_attn = segment_sum(g_attn, mask, width);
           g_x = segment_sum(g_x, mask, width) * a * static_cast<acc_t>(lv.W);
           g_y = segment_sum(g_y, mask, width) * a * static_cast<acc_t>(lv.H);
@@ -321,7 +324,7 @@ __global__ void ms_deform_attn_backward_warp_kernel(
 // thread looping over channel groups. Per point, warps reduce with shuffles
 // into shared memory; after a barrier the block sums the warps' partials and
 // writes each gradient once.
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter>
 __global__ void ms_deform_attn_backward_block_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
@@ -350,9 +353,9 @@ __global__ void ms_deform_attn_backward_block_kernel(
             const int64_t c = g * VEC;
             acc_t go[VEC];
             load_grad_output<scalar_t, acc_t, VEC>(grad_out + hq * D + c, go);
-            backward_point<scalar_t, acc_t, VEC>(value + h.value_offset + c,
-                                                 grad_value != nullptr ? grad_value + h.value_offset + c : nullptr,
-                                                 row_stride, cn, a, go, g_attn, g_x, g_y);
+            backward_point<scalar_t, acc_t, VEC, kScatter>(value + h.value_offset + c,
+                                                           kScatter ? grad_value + h.value_offset + c : nullptr,
+                                                           row_stride, cn, a, go, g_attn, g_x, g_y);
           }
           g_attn = segment_sum(g_attn, 0xffffffffu, kWarpSize);
           g_x = segment_sum(g_x, 0xffffffffu, kWarpSize) * a * static_cast<acc_t>(lv.W);

@@ -137,7 +137,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   return out;
 }
 
-template <typename scalar_t, typename acc_t, int VEC, typename Stream>
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter, typename Stream>
 void launch_backward(const Inputs& in, const at::Tensor& grad_out, at::Tensor& grad_value, at::Tensor& grad_loc,
                      at::Tensor& grad_attn, Stream stream) {
   const Problem& p = in.p;
@@ -147,7 +147,7 @@ void launch_backward(const Inputs& in, const at::Tensor& grad_out, at::Tensor& g
     // A segment of `width` lanes per head-query, reduced with shuffles.
     const int width = next_power_of_two(groups);
     const dim3 grid = grid_for(ceil_div(HQ * width, kThreadsPerBlock));
-    const auto kernel = cuda_kernels::ms_deform_attn_backward_warp_kernel<scalar_t, acc_t, VEC>;
+    const auto kernel = cuda_kernels::ms_deform_attn_backward_warp_kernel<scalar_t, acc_t, VEC, kScatter>;
     MSDA_LAUNCH(kernel, grid, dim3(kThreadsPerBlock), 0, stream, MSDA_IN(scalar_t, in.value),
                 MSDA_IN(int64_t, in.shapes), MSDA_IN(int64_t, in.starts), MSDA_IN(acc_t, in.loc),
                 MSDA_IN(acc_t, in.attn), MSDA_IN(scalar_t, grad_out), MSDA_OUT(acc_t, grad_value),
@@ -156,7 +156,7 @@ void launch_backward(const Inputs& in, const at::Tensor& grad_out, at::Tensor& g
     // A block per head-query, just enough whole warps to cover the groups.
     const int64_t threads = std::min<int64_t>(ceil_div(groups, kWarpSize) * kWarpSize, kThreadsPerBlock);
     const dim3 grid = grid_for(HQ);
-    const auto kernel = cuda_kernels::ms_deform_attn_backward_block_kernel<scalar_t, acc_t, VEC>;
+    const auto kernel = cuda_kernels::ms_deform_attn_backward_block_kernel<scalar_t, acc_t, VEC, kScatter>;
     MSDA_LAUNCH(kernel, grid, dim3(static_cast<unsigned>(threads)), 0, stream, MSDA_IN(scalar_t, in.value),
                 MSDA_IN(int64_t, in.shapes), MSDA_IN(int64_t, in.starts), MSDA_IN(acc_t, in.loc),
                 MSDA_IN(acc_t, in.attn), MSDA_IN(scalar_t, grad_out), MSDA_OUT(acc_t, grad_value),
@@ -229,14 +229,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& value,
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           constexpr int kVec = vector_width<scalar_t>();
-          at::Tensor no_grad_value;  // the deterministic path computes it apart
-          at::Tensor& scatter_to = deterministic ? no_grad_value : grad_value;
-          if (can_vectorize<scalar_t>(p.D, {&in.value, &go})) {
-            launch_backward<scalar_t, acc_t, kVec>(in, go, scatter_to, grad_loc, grad_attn, stream);
-            if (deterministic) launch_grad_value_deterministic<scalar_t, acc_t, kVec>(in, go, grad_value, stream);
+          at::Tensor none;  // the deterministic kernels take no grad_value
+          const bool vec = can_vectorize<scalar_t>(p.D, {&in.value, &go});
+          if (vec && !deterministic) {
+            launch_backward<scalar_t, acc_t, kVec, true>(in, go, grad_value, grad_loc, grad_attn, stream);
+          } else if (!deterministic) {
+            launch_backward<scalar_t, acc_t, 1, true>(in, go, grad_value, grad_loc, grad_attn, stream);
+          } else if (vec) {
+            launch_backward<scalar_t, acc_t, kVec, false>(in, go, none, grad_loc, grad_attn, stream);
+            launch_grad_value_deterministic<scalar_t, acc_t, kVec>(in, go, grad_value, stream);
           } else {
-            launch_backward<scalar_t, acc_t, 1>(in, go, scatter_to, grad_loc, grad_attn, stream);
-            if (deterministic) launch_grad_value_deterministic<scalar_t, acc_t, 1>(in, go, grad_value, stream);
+            launch_backward<scalar_t, acc_t, 1, false>(in, go, none, grad_loc, grad_attn, stream);
+            launch_grad_value_deterministic<scalar_t, acc_t, 1>(in, go, grad_value, stream);
           }
         });
   } else {

@@ -23,13 +23,17 @@ def cache_dir() -> str:
     return os.environ.get("MSDA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "msda")
 
 
-def load_emulation(csrc: str | None = None, verbose: bool = False) -> ModuleType:
-    """Compile (if needed) and import the emulation module for `csrc`."""
+def load_emulation(csrc: str | None = None, verbose: bool = False, tsan: bool = False) -> ModuleType:
+    """Compile (if needed) and import the emulation module for `csrc`.
+
+    tsan: build it with ThreadSanitizer and race detection (race_detection.h);
+    such a module loads only in a process that started with libtsan preloaded
+    (tsan_check.py does that)."""
     from torch.utils import cpp_extension
 
     csrc = os.path.abspath(csrc or os.environ.get("MSDA_EMULATION_CSRC") or os.path.join(REPO_ROOT, "csrc"))
     tag = hashlib.sha1(csrc.encode()).hexdigest()[:10]
-    name = f"msda_cuda_emulation_{tag}"
+    name = f"msda_cuda_emulation_{tag}" + ("_tsan" if tsan else "")
     build_dir = os.path.join(cache_dir(), "cuda_emulation", name)
     os.makedirs(build_dir, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
@@ -38,7 +42,9 @@ def load_emulation(csrc: str | None = None, verbose: bool = False) -> ModuleType
         sources=[os.path.join(HERE, "emulated_ops.cpp")],
         extra_include_paths=[csrc, HERE],
         # -O1 keeps the build short; the emulation's speed is in its fibers.
-        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"],  # "#pragma unroll"
+        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]  # "#pragma unroll"
+        + (["-fsanitize=thread", "-DMSDA_EMU_TSAN"] if tsan else []),
+        extra_ldflags=["-fsanitize=thread"] if tsan else [],
         build_directory=build_dir,
         verbose=verbose,
     )
@@ -52,8 +58,8 @@ SHARED_PREFIX = b"_ZZN4msda12cuda_kernels"
 RED_ZONE = b"msda_emu_red_zone_"
 
 
-def shared_arrays(path: str) -> list[tuple[int, int, int]]:
-    """(address, bytes, red zone bytes) of every __shared__ array of the
+def shared_arrays(path: str) -> list[tuple[int, int, int, str]]:
+    """(address, bytes, red zone bytes, symbol) of every __shared__ array of the
     kernels, read from the ELF64 symbol table of the built module: the red zone
     is the padding and the 4 KiB red-zone static (cuda_emulation.h's __shared__)
     that follow it. For the emulator's red-zone checks (memory_checks.h)."""
@@ -76,11 +82,11 @@ def shared_arrays(path: str) -> list[tuple[int, int, int]]:
         if not (symbol.startswith(SHARED_PREFIX) and RED_ZONE in symbol):
             objects.append(value)
             if symbol.startswith(SHARED_PREFIX):
-                arrays.add((value, size))
+                arrays.add((value, size, symbol.decode()))
     layout = []
-    for value, size in sorted(arrays):
+    for value, size, symbol in sorted(arrays):
         # Up to the next object that is not a red zone: only red zones and
         # alignment padding lie in between (at most 16 KiB are checked).
         end = value + size
-        layout.append((value, size, min([o for o in objects if o >= end] + [end + 16384]) - end))
+        layout.append((value, size, min([o for o in objects if o >= end] + [end + 16384]) - end, symbol))
     return layout

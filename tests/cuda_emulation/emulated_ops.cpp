@@ -58,9 +58,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& value,
                                      grad_output, NoStream{});
 }
 
-// Runs one of selftest_kernels.h's wrong kernels on `in`, writing to `out`
-// (both float32), with `threads` threads in one block.
-void selftest(const std::string& name, const at::Tensor& in, at::Tensor out, int threads) {
+// Runs one of selftest_kernels.h's kernels on `in`, writing to `out` (both
+// float32), with `blocks` blocks of `threads` threads.
+void selftest(const std::string& name, const at::Tensor& in, at::Tensor out, int threads, int blocks) {
   namespace st = msda::cuda_kernels::selftest;
   void (*kernel)(const float*, float*, int64_t) = nullptr;
   if (name == "read_past_end") kernel = st::read_past_end;
@@ -68,8 +68,14 @@ void selftest(const std::string& name, const at::Tensor& in, at::Tensor out, int
   if (name == "write_past_end") kernel = st::write_past_end;
   if (name == "write_before_start") kernel = st::write_before_start;
   if (name == "shared_past_end") kernel = st::shared_past_end;
+  if (name == "racy_add") kernel = st::racy_add;
+  if (name == "atomic_add") kernel = st::atomic_add;
+  if (name == "shared_read_before_barrier") kernel = st::shared_read_before_barrier;
+  if (name == "shared_write_after_barrier") kernel = st::shared_write_after_barrier;
+  if (name == "shared_with_barriers") kernel = st::shared_with_barriers;
   TORCH_CHECK(kernel, "no selftest kernel named ", name);
-  MSDA_LAUNCH(kernel, dim3(1), dim3(threads), 0, NoStream{}, MSDA_IN(float, in), MSDA_OUT(float, out), in.numel());
+  MSDA_LAUNCH(kernel, dim3(blocks), dim3(threads), 0, NoStream{}, MSDA_IN(float, in), MSDA_OUT(float, out),
+              in.numel());
 }
 
 pybind11::dict stats() {
@@ -91,7 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_seed", [](uint64_t seed) { msda_emu::g.seed = seed; }, "seed of the block and thread order");
   m.def("div_floor", &msda::cuda_kernels::div_floor, "the kernels' 64-bit division helper, run on the host");
   m.def("stats", &stats, "launch, block, thread, context-switch and atomicAdd counts so far");
-  m.def("selftest", &selftest, "run a deliberately wrong kernel (selftest_kernels.h)");
+  m.def("selftest", &selftest, "run a selftest kernel (selftest_kernels.h)", pybind11::arg("name"),
+        pybind11::arg("in"), pybind11::arg("out"), pybind11::arg("threads"), pybind11::arg("blocks") = 1);
   m.def("set_grid_cap", [](int64_t cap) { msda_emu::g.grid_cap = cap; },
         "largest grid.x the launch code may use (grid-stride loops do the rest)");
   m.def("set_shared_layout", &msda_emu::set_shared_layout,

@@ -5,7 +5,7 @@ rebuild the emulation harness against the copy, run the emulation tests
 (TEST_FILES, stopping at the first failure), and record whether it failed. The unmodified
 sources run first and must pass. Prints a table bug -> caught / MISSED.
 
-    python tests/cuda_emulation/inject_bugs.py [--only NAME ...] [--list]
+    python tests/cuda_emulation/inject_bugs.py [--only NAME ...] [--list] [--tsan]
 
 Exit status 0 when every bug is caught. Takes a few minutes (one harness
 build, about 30 s, per bug).
@@ -147,12 +147,15 @@ def apply(bug: Bug, csrc: str) -> None:
         f.write(text.replace(bug.old, bug.new))
 
 
-def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
+def run_tests(csrc: str, cache: str, timeout: float, tsan: bool = False) -> tuple[str, float, str]:
     """Return (outcome, seconds, last line): 'passed', 'failed', 'crashed', 'build error' or 'timeout'."""
     env = dict(os.environ, MSDA_EMULATION_CSRC=csrc, MSDA_CACHE_DIR=cache, CI=os.environ.get("CI", "true"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-    cmd += [os.path.join(REPO_ROOT, "tests", name) for name in TEST_FILES]
+    if tsan:  # the race detection check instead of the tests
+        cmd = [sys.executable, os.path.join(HERE, "tsan_check.py"), "--only", "backward", "forward"]
+    else:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        cmd += [os.path.join(REPO_ROOT, "tests", name) for name in TEST_FILES]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -160,7 +163,7 @@ def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
         return "timeout", time.time() - start, ""
     seconds = time.time() - start
     out = proc.stdout + proc.stderr
-    failed_lines = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    failed_lines = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR")) or "FAIL" in line]
     last = failed_lines[0] if failed_lines else (out.strip().splitlines() or [""])[-1]
     if proc.returncode == 0:
         return "passed", seconds, last
@@ -176,6 +179,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run only bugs whose name contains one of these words")
     parser.add_argument("--list", action="store_true", help="list the bugs and exit")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not first check that the unmodified sources pass (when they just did)")
+    parser.add_argument("--tsan", action="store_true",
+                        help="judge each bug by the race detection check (tsan_check.py) alone, not the tests")
     args = parser.parse_args()
     bugs = [b for b in BUGS if not args.only or any(w in b.name for w in args.only)]
     if args.list:
@@ -190,8 +197,9 @@ def main() -> int:
             return os.path.join(root, "csrc"), os.path.join(root, "cache")
 
         csrc, cache = fresh_csrc("baseline")
-        outcome, seconds, last = run_tests(csrc, cache, args.timeout)
-        print(f"baseline (no bug): {outcome} in {seconds:.0f} s", flush=True)
+        outcome, seconds, last = ("passed", 0.0, "") if args.skip_baseline else run_tests(
+            csrc, cache, args.timeout, args.tsan)
+        print(f"baseline (no bug): {'skipped' if args.skip_baseline else outcome} in {seconds:.0f} s", flush=True)
         if outcome != "passed":
             print(f"  {last}\nthe unmodified kernels must pass first", file=sys.stderr)
             return 2
@@ -201,7 +209,7 @@ def main() -> int:
         for i, bug in enumerate(bugs):
             csrc, cache = fresh_csrc(f"bug{i}")
             apply(bug, csrc)
-            outcome, seconds, last = run_tests(csrc, cache, args.timeout)
+            outcome, seconds, last = run_tests(csrc, cache, args.timeout, args.tsan)
             verdict = {"failed": "caught", "crashed": "caught (crash)", "passed": "MISSED"}.get(outcome, outcome)
             rows.append((bug, verdict, seconds, last))
             print(f"{verdict:12} {seconds:5.0f} s  {bug.kind:22} {bug.name}\n{'':20}{last[:150]}", flush=True)

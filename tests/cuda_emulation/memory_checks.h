@@ -151,7 +151,8 @@ inline void guard_device_faults(bool on) {
 struct SharedArray {
   char* begin;
   size_t bytes;
-  size_t red_zone;  // bytes after it, up to the next page or the next symbol
+  size_t red_zone;     // bytes after it, up to the next symbol
+  std::string symbol;  // _ZZ<kernel's mangled name without _Z>E<array name>
 };
 inline std::vector<SharedArray> g_shared_arrays;
 
@@ -162,29 +163,38 @@ inline char* module_base() {
   return static_cast<char*>(info.dli_fbase);
 }
 
-// Called by the harness with (address in the module, bytes, red zone bytes)
-// of every __shared__ array, read from the module's symbol table; each array
-// needs at least 16 bytes of red zone.
-inline void set_shared_layout(const std::vector<std::tuple<size_t, size_t, size_t>>& arrays) {
+// Called by the harness with (address in the module, bytes, red zone bytes,
+// symbol) of every __shared__ array, read from the module's symbol table; each
+// array needs at least 16 bytes of red zone.
+inline void set_shared_layout(const std::vector<std::tuple<size_t, size_t, size_t, std::string>>& arrays) {
   std::vector<SharedArray> layout;
   char* base = module_base();
-  for (const auto& [address, bytes, red_zone] : arrays) {
-    if (red_zone < 16)
-      throw std::runtime_error("CUDA emulation: a shared array of " + std::to_string(bytes) +
-                               " bytes has no red zone after it");
-    layout.push_back({base + address, bytes, red_zone});
+  for (const auto& [address, bytes, red_zone, symbol] : arrays) {
+    if (red_zone < 16) throw std::runtime_error("CUDA emulation: shared array " + symbol + " has no red zone after it");
+    layout.push_back({base + address, bytes, red_zone, symbol});
   }
   g_shared_arrays = layout;
 }
 
-inline size_t shared_bytes_declared() {
-  size_t sum = 0;  // every array of every kernel: an upper bound for the kernel launched
-  for (const SharedArray& a : g_shared_arrays) sum += a.bytes;
+// The static shared memory of `kernel`: its arrays are the statics whose
+// mangled names nest in the kernel's. If the kernel's name cannot be found,
+// every array of every kernel (an upper bound).
+inline size_t shared_bytes_declared(void* kernel) {
+  Dl_info info{};
+  const char* name = dladdr(kernel, &info) && info.dli_sname && std::strncmp(info.dli_sname, "_Z", 2) == 0
+                         ? info.dli_sname : nullptr;
+  const std::string prefix = name ? "_ZZ" + std::string(name + 2) + "E" : "";
+  size_t sum = 0;
+  for (const SharedArray& a : g_shared_arrays)
+    if (!name || a.symbol.compare(0, prefix.size(), prefix) == 0) sum += a.bytes;
   return sum;
 }
 
 inline void poison_shared() {
-  for (const SharedArray& a : g_shared_arrays) std::memset(a.begin, kPoison, a.bytes + a.red_zone);
+  for (const SharedArray& a : g_shared_arrays) {
+    race::new_memory(a.begin, a.bytes + a.red_zone);  // each block has shared memory of its own
+    std::memset(a.begin, kPoison, a.bytes + a.red_zone);
+  }
 }
 
 inline void check_shared_red_zones() {
