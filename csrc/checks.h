@@ -45,6 +45,13 @@ inline Problem check_arguments(const at::Tensor& value, const at::Tensor& spatia
   p.S = value.size(1);
   p.M = value.size(2);
   p.D = value.size(3);
+  // The output's last dimension is M*D. With N or S = 0, value holds no
+  // elements whatever M and D are, so the product is not bounded by any
+  // allocation: check it before anything multiplies.
+  int64_t md = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(p.M, p.D, &md),
+                    "value must have M*D (the output's last dimension) below 2**63, got (N, S, M, D) = ",
+                    shape_str(value.sizes()));
   TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
                     "spatial_shapes must have shape (L, 2), got ", shape_str(spatial_shapes.sizes()));
   TORCH_CHECK_VALUE(is_index_dtype(spatial_shapes.scalar_type()),
@@ -87,7 +94,9 @@ inline Problem check_arguments(const at::Tensor& value, const at::Tensor& spatia
 
 // Checks that read the (CPU) values of spatial_shapes and level_start_index:
 // every H, W >= 1, sum(H*W) == S, and level_start_index the exclusive cumsum.
-// Done with overflow-safe arithmetic, so absurd values raise instead of wrapping.
+// Overflow-safe by construction: h*w is only formed once h <= (S - total) / w
+// is known, so it cannot exceed S - total; absurd values raise instead of
+// wrapping (signed overflow is undefined behaviour, -fwrapv or not).
 inline void check_level_values(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t S) {
   const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
   const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
@@ -97,7 +106,9 @@ inline void check_level_values(const at::Tensor& spatial_shapes, const at::Tenso
   int64_t total = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t h = hw[2 * l], w = hw[2 * l + 1];
-    TORCH_CHECK_VALUE(h >= 1 && w >= 1 && h <= S && w <= S && h * w <= S - total,
+    // total <= S holds here (each step adds at most S - total), and w >= 1
+    // is checked before the division.
+    TORCH_CHECK_VALUE(h >= 1 && w >= 1 && h <= (S - total) / w,
                       "spatial_shapes must describe value's S = ", S,
                       " rows (sum of H*W with H, W >= 1), got (H, W) = (", h, ", ", w, ") at level ", l,
                       " after ", total, " rows of earlier levels");

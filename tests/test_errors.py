@@ -180,3 +180,91 @@ def test_module_rejects_bad_reference_points():
 def test_module_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="d_model must be divisible by n_heads, got d_model=10 and n_heads=3"):
         msda.MSDeformAttn(d_model=10, n_heads=3)
+
+
+def test_backward_op_rejects_grad_output_on_another_device():
+    # The Meta dispatch key outranks CPU, so a meta grad_output sends CPU
+    # inputs to the fake kernel: it must raise, not return uninitialised CPU tensors.
+    args = good()
+    with pytest.raises(ValueError, match=re.escape("grad_output must have shape (N, Lq, M*D) = (2, 5, 12), got (5, 5)")):
+        torch.ops.msda.ms_deform_attn_backward(*args.values(), torch.empty(5, 5, device="meta"))
+    with pytest.raises(ValueError, match=re.escape("grad_output must be on the device of value (cpu), got meta")):
+        torch.ops.msda.ms_deform_attn_backward(*args.values(), torch.empty(2, 5, 12, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "grad_output,message",
+    [
+        (torch.zeros(2, 5, 11), "grad_output must have shape (N, Lq, M*D) = (2, 5, 12), got (2, 5, 11)"),
+        (torch.zeros(2, 5, 12, dtype=torch.int64), "grad_output must be a floating-point tensor, got torch.int64"),
+    ],
+)
+def test_fake_backward_kernel_checks_grad_output(grad_output, message):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = good()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(v) for v in args.values()]
+        with pytest.raises(ValueError, match=re.escape(message)):
+            torch.ops.msda.ms_deform_attn_backward(*fake, mode.from_tensor(grad_output))
+
+
+def test_public_function_on_meta_tensors_uses_the_fake_kernel():
+    args = {k: v.to("meta").requires_grad_(v.is_floating_point()) for k, v in good().items()}
+    out = msda.ms_deform_attn(**args)
+    assert out.device.type == "meta" and out.shape == (2, 5, 12) and out.dtype == torch.float32
+    out.sum().backward()
+    for name in ("value", "sampling_locations", "attention_weights"):
+        assert args[name].grad.shape == args[name].shape and args[name].grad.device.type == "meta"
+    # with the level tables on the CPU, as a CUDA value accepts them
+    args = {k: (v.to("meta") if v.is_floating_point() else v) for k, v in good().items()}
+    assert msda.ms_deform_attn(**args).shape == (2, 5, 12)
+
+
+def _module_args():
+    attn = msda.MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    args = good()
+    return attn, dict(
+        query=torch.zeros(2, 5, 16),
+        reference_points=torch.rand(2, 5, 2, 2),
+        input_flatten=torch.zeros(2, 16, 16),
+        input_spatial_shapes=args["spatial_shapes"],
+        input_level_start_index=args["level_start_index"],
+    )
+
+
+MODULE_BAD_INPUTS = {
+    "shapes (L,)": ("input_spatial_shapes", lambda s: s[:, 0],
+                    "input_spatial_shapes must have shape (n_levels, 2) = (2, 2), got (2,)"),
+    "shapes (L, 3)": ("input_spatial_shapes", lambda s: torch.cat([s, s[:, :1]], 1),
+                      "input_spatial_shapes must have shape (n_levels, 2) = (2, 2), got (2, 3)"),
+    "shapes L wrong": ("input_spatial_shapes", lambda s: s[:1],
+                       "input_spatial_shapes must have shape (n_levels, 2) = (2, 2), got (1, 2)"),
+    "shapes float": ("input_spatial_shapes", lambda s: s.float(),
+                     "input_spatial_shapes must have dtype int32 or int64, got torch.float32"),
+    "shapes None": ("input_spatial_shapes", lambda s: None, "input_spatial_shapes must be a torch.Tensor, got NoneType"),
+    "starts (L, 1)": ("input_level_start_index", lambda s: s[:, None],
+                      "input_level_start_index must have shape (n_levels,) = (2,), got (2, 1)"),
+    "query d_model": ("query", lambda q: q[..., :8], "query must have shape (N, Lq, d_model=16), got (2, 5, 8)"),
+    "query rank": ("query", lambda q: q[0], "query must have shape (N, Lq, d_model=16), got (5, 16)"),
+    "flatten N": ("input_flatten", lambda x: x[:1], "input_flatten must have shape (N=2, S, d_model=16), got (1, 16, 16)"),
+    "reference levels": ("reference_points", lambda r: r[:, :, :1],
+                         "reference_points must have shape (N, Lq, n_levels, 2 or 4) = (2, 5, 2, 2 or 4), got (2, 5, 1, 2)"),
+}
+
+
+@pytest.mark.parametrize("name", MODULE_BAD_INPUTS)
+def test_module_validates_arguments_before_indexing_them(name):
+    attn, args = _module_args()
+    arg, change, message = MODULE_BAD_INPUTS[name]
+    args[arg] = change(args[arg])
+    error = TypeError if "None" in name else ValueError
+    with pytest.raises(error, match=re.escape(message)):
+        attn(**args)
+
+
+def test_module_checks_the_padding_mask():
+    attn, args = _module_args()
+    with pytest.raises(ValueError, match=re.escape("input_padding_mask must have shape (N, S) = (2, 16), got (2, 15)")):
+        attn(**args, input_padding_mask=torch.zeros(2, 15, dtype=torch.bool))
+    assert attn(**args, input_padding_mask=torch.zeros(2, 16, dtype=torch.bool)).shape == (2, 5, 16)

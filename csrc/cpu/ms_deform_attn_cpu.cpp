@@ -94,14 +94,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   const at::Tensor go = grad_output.to(in.acc).contiguous();
   // grad_value accumulates in the accumulation type and is cast at the end
   // (a no-op for float32 and float64).
-  const bool any_points = p.N * p.Lq * p.M * p.L * p.P > 0;
-  // With per-head copies the kernel writes every element of grad_value.
-  at::Tensor grad_value = any_points && backward_uses_head_copies(p)
-                              ? at::empty(value.sizes(), value.options().dtype(in.acc))
-                              : at::zeros(value.sizes(), value.options().dtype(in.acc));
-  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), in.loc.options());
-  at::Tensor grad_attn = at::empty(attention_weights.sizes(), in.attn.options());
-  if (any_points) {
+  // The kernel's tasks are (n, head group, channel block): with no points or
+  // no channels (D = 0 gives no channel blocks) no task runs, and every
+  // gradient is zero. Zero the outputs here rather than trusting each kernel
+  // path to write them: an empty output would hand back uninitialised memory.
+  // (numel() is used, not a product of sizes, which could overflow.)
+  const bool any_work = attention_weights.numel() > 0 && p.D > 0;
+  const auto alloc = [any_work](at::IntArrayRef sizes, const at::TensorOptions& options, bool written) {
+    return any_work && written ? at::empty(sizes, options) : at::zeros(sizes, options);
+  };
+  // With per-head copies the kernel writes every element of grad_value;
+  // location and weight gradients are written for every point.
+  at::Tensor grad_value = alloc(value.sizes(), value.options().dtype(in.acc), backward_uses_head_copies(p));
+  at::Tensor grad_loc = alloc(sampling_locations.sizes(), in.loc.options(), true);
+  at::Tensor grad_attn = alloc(attention_weights.sizes(), in.attn.options(), true);
+  if (any_work) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
       backward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_inputs", "check_level_values", "VALUE_DTYPES", "INDEX_DTYPES"]
+__all__ = ["check_inputs", "check_grad_output", "check_level_values", "VALUE_DTYPES", "INDEX_DTYPES"]
 
 VALUE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -44,6 +44,10 @@ def check_inputs(
     if value.dtype not in VALUE_DTYPES:
         _fail(f"value must have dtype float64, float32, bfloat16 or float16, got {value.dtype}")
     N, S, M, D = value.shape
+    if M * D >= 2**63:
+        # With N or S = 0 value holds nothing whatever M and D are; the output's
+        # last dimension M*D must still be a valid size (the C++ checks agree).
+        _fail(f"value must have M*D (the output's last dimension) below 2**63, got (N, S, M, D) = {_shape(value)}")
 
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
         _fail(f"spatial_shapes must have shape (L, 2), got {_shape(spatial_shapes)}")
@@ -89,6 +93,21 @@ def check_inputs(
         # CPU index tensors are accepted with a CUDA value (the op moves them).
         if arg.device != device and arg.device.type != "cpu":
             _fail(f"{name} must be on the device of value ({device}) or on the CPU, got {arg.device}")
+
+
+def check_grad_output(value: torch.Tensor, sampling_locations: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """The backward op's check of grad_output (after check_inputs): a tensor of
+    shape (N, Lq, M*D), floating point, on value's device (wording as in C++)."""
+    if not isinstance(grad_output, torch.Tensor):
+        raise TypeError(f"grad_output must be a torch.Tensor, got {type(grad_output).__name__}")
+    N, _, M, D = value.shape
+    expected = (N, sampling_locations.shape[1], M * D)
+    if _shape(grad_output) != expected:
+        _fail(f"grad_output must have shape (N, Lq, M*D) = {expected}, got {_shape(grad_output)}")
+    if not grad_output.dtype.is_floating_point:
+        _fail(f"grad_output must be a floating-point tensor, got {grad_output.dtype}")
+    if grad_output.device != value.device:
+        _fail(f"grad_output must be on the device of value ({value.device}), got {grad_output.device}")
 
 
 def check_level_values(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, S: int) -> None:

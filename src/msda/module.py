@@ -83,6 +83,8 @@ class MSDeformAttn(nn.Module):
         Returns:
             (N, Lq, d_model).
         """
+        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                           input_padding_mask)
         N, Lq, _ = query.shape
         S = input_flatten.shape[1]
         M, L, P = self.n_heads, self.n_levels, self.n_points
@@ -122,3 +124,57 @@ class MSDeformAttn(nn.Module):
         locations = locations.view(N, Lq, M, L, P, 2)
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return self.output_proj(output)
+
+    def _check_inputs(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: Optional[torch.Tensor],
+    ) -> None:
+        """Shape and dtype checks (metadata only, so torch.compile keeps one
+        graph) before forward indexes anything: a malformed argument is a
+        ValueError naming it, not an IndexError from inside the module."""
+        args = {
+            "query": query,
+            "reference_points": reference_points,
+            "input_flatten": input_flatten,
+            "input_spatial_shapes": input_spatial_shapes,
+            "input_level_start_index": input_level_start_index,
+        }
+        if input_padding_mask is not None:
+            args["input_padding_mask"] = input_padding_mask
+        for name, arg in args.items():
+            if not isinstance(arg, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(arg).__name__}")
+        d, L = self.d_model, self.n_levels
+        if query.dim() != 3 or query.shape[2] != d:
+            raise ValueError(f"query must have shape (N, Lq, d_model={d}), got {tuple(query.shape)}")
+        N, Lq = query.shape[:2]
+        if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[2] != d:
+            raise ValueError(
+                f"input_flatten must have shape (N={N}, S, d_model={d}), got {tuple(input_flatten.shape)}"
+            )
+        S = input_flatten.shape[1]
+        if tuple(input_spatial_shapes.shape) != (L, 2):
+            raise ValueError(
+                f"input_spatial_shapes must have shape (n_levels, 2) = ({L}, 2), got {tuple(input_spatial_shapes.shape)}"
+            )
+        if input_spatial_shapes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_spatial_shapes must have dtype int32 or int64, got {input_spatial_shapes.dtype}")
+        if tuple(input_level_start_index.shape) != (L,):
+            raise ValueError(
+                f"input_level_start_index must have shape (n_levels,) = ({L},), "
+                f"got {tuple(input_level_start_index.shape)}"
+            )
+        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (N, Lq, L):
+            raise ValueError(
+                f"reference_points must have shape (N, Lq, n_levels, 2 or 4) = ({N}, {Lq}, {L}, 2 or 4), "
+                f"got {tuple(reference_points.shape)}"
+            )
+        if input_padding_mask is not None and tuple(input_padding_mask.shape) != (N, S):
+            raise ValueError(
+                f"input_padding_mask must have shape (N, S) = ({N}, {S}), got {tuple(input_padding_mask.shape)}"
+            )

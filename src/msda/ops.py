@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
-from .checks import check_inputs
+from .checks import check_grad_output, check_inputs
 from .reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn"]
@@ -67,7 +67,15 @@ def ms_deform_attn(
         # the tangents would be dropped silently.
         raise RuntimeError(FORWARD_AD_ERROR)
     device = value.device
-    if device.type not in _extension.KERNEL_DEVICES:
+    if device.type == "meta":
+        # Shapes only: the registered fake kernel answers. The reference cannot
+        # (its level checks read values), so without the extension this is an error.
+        if not _extension.AVAILABLE:
+            raise RuntimeError(
+                f"msda.ms_deform_attn on meta tensors needs msda's compiled extension (its fake kernel): "
+                f"{_extension.UNAVAILABLE_REASON}. {_extension.BUILD_HINT}"
+            )
+    elif device.type not in _extension.KERNEL_DEVICES:
         _extension.warn_fallback(device.type)
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
@@ -122,6 +130,9 @@ def _register() -> None:
     @torch.library.register_fake(backward_op)
     def _backward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
         check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # The Meta dispatch key wins over CPU: a meta grad_output with CPU
+        # inputs lands here, and must not come back as uninitialised CPU tensors.
+        check_grad_output(value, sampling_locations, grad_output)
         return (
             torch.empty_like(value, memory_format=torch.contiguous_format),
             torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),

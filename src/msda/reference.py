@@ -7,6 +7,11 @@ the op (docs: spec §1-§3), not only the happy path of the original code:
 * non-finite or far-away locations are first moved to a place that is outside
   every map, so they contribute zero and receive zero gradient (grid_sample
   would return NaN, and huge coordinates overflow its integer arithmetic);
+* a sample outside the window -1 < x < W, -1 < y < H (pixel coordinates)
+  contributes nothing whatever its attention weight, NaN and inf included,
+  as in the original CUDA kernel (which skips such samples): the weight is
+  replaced by zero there, where grid_sample's zero times a NaN weight would
+  give NaN;
 * float16/bfloat16 inputs are computed in float32 and cast back, because
   grid_sample in 16-bit on the CPU is inaccurate and crashes on some inputs.
 """
@@ -60,9 +65,19 @@ def ms_deform_attn_reference(
     v = value.to(compute_dtype)
     loc = sampling_locations.to(compute_dtype)
     weights = attention_weights.to(compute_dtype)
-    if N * Lq * M * D == 0:
-        # grid_sample rejects empty batches; keep the autograd graph connected.
-        return (v.sum() * 0 + loc.sum() * 0 + weights.sum() * 0).expand(N, Lq, M * D).to(value.dtype).clone()
+    if N * Lq * M * D * P == 0:
+        # Nothing is sampled: zeros (grid_sample rejects empty batches). The
+        # empty slices keep the autograd graph connected with zero gradients;
+        # `t.sum() * 0` would not, since a NaN anywhere in t makes it NaN.
+        connected = v.reshape(-1)[:0].sum() + loc.reshape(-1)[:0].sum() + weights.reshape(-1)[:0].sum()
+        return (v.new_zeros(N, Lq, M * D) + connected).to(value.dtype)
+
+    # Pixel coordinates, computed as the kernels do (in the compute dtype); a
+    # sample is taken only inside the open window (False for NaN).
+    wh = spatial_shapes.flip(-1).to(device=loc.device, dtype=compute_dtype).view(1, 1, 1, L, 1, 2)
+    pixel = loc.detach() * wh - 0.5
+    taken = ((pixel > -1) & (pixel < wh)).all(-1)
+    weights = torch.where(taken, weights, torch.zeros((), dtype=compute_dtype, device=weights.device))
 
     loc = torch.nan_to_num(loc, nan=_OUTSIDE_LOW, posinf=_OUTSIDE_HIGH, neginf=_OUTSIDE_LOW)
     loc = loc.clamp(_OUTSIDE_LOW, _OUTSIDE_HIGH)
