@@ -26,7 +26,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 KERNELS = "cuda/ms_deform_attn_kernels.cuh"
 # The test files that run the emulated CUDA kernels (with -x: the first failure ends a run).
-TEST_FILES = ["test_window_edges.py", "test_large.py", "test_cuda_emulation.py"]  # the quick ones first
+# The quick and targeted ones first (pytest runs each test once, in this order).
+TEST_FILES = ["test_window_edges.py", "test_large.py"] + [
+    f"test_cuda_emulation.py::{name}" for name in (
+        "test_each_kernel_variant", "test_capped_grid_runs_grid_stride_rounds", "test_each_input_misaligned",
+        "test_16bit_grad_value_terms_are_summed_in_float32", "test_atomics_one_per_valid_corner_and_channel",
+        "test_deterministic_backward_is_bitwise_reproducible_across_thread_orders")
+] + ["test_cuda_emulation.py"]
 LAUNCH = "cuda/ms_deform_attn_launch.h"
 
 
