@@ -12,9 +12,16 @@ Environment variables:
 * ``TORCH_CUDA_ARCH_LIST``: CUDA architectures, e.g. "8.0;9.0". Without a GPU
   and without this variable a default list is used (see DEFAULT_CUDA_ARCHS).
 * ``MAX_JOBS``: parallel compile jobs (ninja).
-* ``MSDA_CPU_FLAGS``: code-generation flags for the CPU kernels, default
-  ``-march=native`` (the machine you build on). Use e.g.
-  ``"-mavx2 -mfma -mf16c"`` or ``"-march=x86-64-v2"`` for a wheel that runs elsewhere.
+* ``MSDA_CPU_CAPABILITIES``: which CPU kernel variants to compile, comma
+  separated, default all of this architecture's (x86-64: ``avx512,avx2,default``;
+  others: ``default``). ``default`` is always compiled. The library picks the
+  best one the CPU supports when it loads (csrc/cpu/dispatch.h).
+* ``MSDA_CPU_FLAGS``: for experts, extra compiler flags appended to every C++
+  source (sanitizers, ``-g``, ``-mtune=...``), default none. They apply to the
+  common code and to every capability's kernels alike, so a ``-march=`` flag
+  here makes every path use that machine's instructions: such a build runs
+  only on CPUs like the build machine (what ``-march=native``, the default
+  before runtime dispatch, did).
 * ``MSDA_DEBUG=1``: -O0 -g builds.
 """
 
@@ -26,6 +33,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
@@ -33,8 +41,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # nvcc 13 supports sm_75 .. sm_121; PTX of the newest lets future GPUs JIT it.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
-# Commands that only describe the package need neither torch nor a compiler.
-METADATA_ONLY = {"sdist", "egg_info", "dist_info", "--version", "--name", "check", "clean"}
+# Commands that only describe the sources need neither torch nor a compiler.
+# dist_info is not one of them: pip runs it to prepare a wheel's metadata,
+# which names the torch the wheel is built for; failing there (no torch in
+# the build environment) stops `pip install .` before pip downloads a torch.
+METADATA_ONLY = {"sdist", "egg_info", "--version", "--name", "check", "clean"}
 
 
 def _env_flag(name: str) -> bool:
@@ -46,6 +57,21 @@ def _read_version() -> str:
     with open(os.path.join(ROOT, "src", "msda", "_version.py")) as f:
         exec(f.read(), scope)
     return scope["__version__"]
+
+
+def _torch_series(torch) -> str:
+    """'2.13' for torch 2.13.0+cpu: the release series a build is bound to."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"{major}.{minor}"
+
+
+def _built_for(torch, with_cuda: bool) -> tuple[str, list[str]]:
+    """The version and requirements of a build: the local version names the
+    torch series and msda's kernels (cpu, or the CUDA version, e.g. cu130),
+    and the wheel requires that torch series, the only one its binary loads with."""
+    series = _torch_series(torch)
+    variant = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
+    return f"{_read_version()}+torch{series}{variant}", [f"torch=={series}.*", "numpy"]
 
 
 def _import_torch():
@@ -96,13 +122,82 @@ def _torch_bundled_cuda_includes(torch) -> list[str]:
     return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
 
 
-def _write_build_info(torch, with_cuda: bool, cuda_archs: str) -> None:
+# Runtime CPU dispatch (csrc/cpu/dispatch.h explains the C++ side). Every
+# source under csrc/cpu/capability/ is compiled once per CPU capability, with
+# that capability's flags and -DCPU_CAPABILITY=<NAME> -DCPU_CAPABILITY_<NAME>
+# (the names ATen's vector headers key on); all other sources are compiled
+# once, with the compiler's baseline (x86-64, or armv8-a with NEON). A new
+# kernel joins by putting its per-capability source in that folder and
+# registering with MSDA_REGISTER_CPU_KERNEL. The objects are linked lowest
+# capability first: of the inline functions from other libraries' headers
+# that several variants instantiate, the linker keeps the first copy, so the
+# copy the lower paths call is never one compiled with AVX-512.
+CAPABILITY_SOURCES = sorted(glob.glob("csrc/cpu/capability/*.cpp"))
+X86_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    # The set torch's AVX512 kernels use (F, BW, VL, DQ), plus FMA and F16C
+    # (which AVX-512F does not imply in GCC's options).
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def _cpu_capabilities() -> list[str]:
+    """The capabilities to compile, lowest first (the link order)."""
+    machine = platform.machine().lower()
+    available = list(X86_CAPABILITY_FLAGS) if machine in ("x86_64", "amd64") else ["DEFAULT"]
+    asked = os.environ.get("MSDA_CPU_CAPABILITIES", "")
+    if not asked.strip():
+        return available
+    wanted = {name.strip().upper() for name in asked.split(",") if name.strip()} | {"DEFAULT"}
+    unknown = wanted - set(available)
+    if unknown:
+        sys.stderr.write(
+            f"msda: MSDA_CPU_CAPABILITIES names {', '.join(sorted(n.lower() for n in unknown))}, "
+            f"not available on {machine}; choose from {', '.join(n.lower() for n in available)}\n"
+        )
+        raise SystemExit(1)
+    return [name for name in available if name in wanted]
+
+
+def _capability_build_ext(base, capabilities: list[str]):
+    class CapabilityBuildExt(base):
+        """Compiles CAPABILITY_SOURCES once per capability into their own
+        build folders and links the objects after the common ones."""
+
+        def build_extension(self, ext):
+            def compile_variant(name: str) -> list[str]:
+                post = dict(ext.extra_compile_args)
+                post["cxx"] = list(post["cxx"]) + X86_CAPABILITY_FLAGS.get(name, [])
+                return self.compiler.compile(
+                    CAPABILITY_SOURCES,
+                    output_dir=os.path.join(self.build_temp, "capability", name.lower()),
+                    macros=list(ext.define_macros) + [("CPU_CAPABILITY", name), (f"CPU_CAPABILITY_{name}", None)],
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=post,
+                    depends=ext.depends,
+                )
+
+            # One ninja run per variant (each has its own flags and folder),
+            # side by side up to MAX_JOBS; the objects keep the lowest-first order.
+            jobs = max(1, min(len(capabilities), int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)))
+            with ThreadPoolExecutor(jobs) as pool:
+                ext.extra_objects = [obj for objs in pool.map(compile_variant, capabilities) for obj in objs]
+            super().build_extension(ext)
+
+    return CapabilityBuildExt
+
+
+def _write_build_info(torch, with_cuda: bool, cuda_archs: str, capabilities: list[str]) -> None:
     path = os.path.join(ROOT, "src", "msda", "_build_info.py")
     with open(path, "w") as f:
         f.write("# Written by setup.py at build time; compared with the running torch before loading _C.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"COMPILER = {_compiler_description()!r}\n")
-        f.write(f"CPU_FLAGS = {os.environ.get('MSDA_CPU_FLAGS', '-march=native')!r}\n")
+        f.write(f"CPU_FLAGS = {os.environ.get('MSDA_CPU_FLAGS', '')!r}\n")
+        f.write(f"CPU_CAPABILITIES = {capabilities!r}\n")
+        f.write(f"DEBUG = {_env_flag('MSDA_DEBUG')!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_ARCHS = {cuda_archs!r}\n")
         f.write(f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n")
@@ -114,9 +209,6 @@ def _extensions():
     with_cuda, why = _want_cuda(torch, cpp_extension)
     print(f"msda: building against torch {torch.__version__}; CUDA: {why}")
 
-    cpu_flags = shlex.split(os.environ.get("MSDA_CPU_FLAGS", "-march=native"))
-    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        cpu_flags = []
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     # at::parallel_for is inlined into our code: it needs OpenMP to use threads.
     cxx_flags += ["-fopenmp", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
@@ -124,10 +216,15 @@ def _extensions():
     # compilers) and a false "may be used uninitialized" inside GCC's own
     # AVX-512 intrinsics; neither is in msda's code.
     cxx_flags += ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
-    cxx_flags += cpu_flags
+    cxx_flags += shlex.split(os.environ.get("MSDA_CPU_FLAGS", ""))
+    capabilities = _cpu_capabilities()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra_link_args = ["-fopenmp"]
+    # Wheels ship without debug info (Python's own CFLAGS add -g); debug and
+    # sanitizer builds (-g in MSDA_CPU_FLAGS) keep it.
+    if not debug and "-g" not in cxx_flags:
+        extra_link_args.append("-Wl,--strip-debug")
     define_macros: list[tuple[str, str]] = []
 
     cuda_archs = ""
@@ -158,14 +255,18 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link_args,
         )
-    _write_build_info(torch, with_cuda, cuda_archs)
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+    # setuptools relinks only when a source or one of these is newer than the library.
+    ext.depends = CAPABILITY_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True))
+    _write_build_info(torch, with_cuda, cuda_archs, [name.lower() for name in capabilities])
+    build_ext = _capability_build_ext(cpp_extension.BuildExtension, capabilities).with_options(use_ninja=True)
+    version, requires = _built_for(torch, with_cuda)
+    return version, requires, [ext], {"build_ext": build_ext}
 
 
 if any(arg in METADATA_ONLY for arg in sys.argv[1:]):
-    ext_modules, cmdclass = [], {}
+    # The sources, not a build: plain version, any torch.
+    version, install_requires, ext_modules, cmdclass = _read_version(), ["torch", "numpy"], [], {}
 else:
-    ext_modules, cmdclass = _extensions()
+    version, install_requires, ext_modules, cmdclass = _extensions()
 
-setup(version=_read_version(), ext_modules=ext_modules, cmdclass=cmdclass)
+setup(version=version, install_requires=install_requires, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -93,6 +93,17 @@ def _dims(d: dict[str, int]) -> str:
     return text + (f" x{d['layers']} layers" if d.get("layers", 1) > 1 else "")
 
 
+def _memory_ratio(msda_bytes: float, ref_bytes: float) -> str:
+    """msda / reference as "1/x" when msda needs less; "-" when the reference's
+    peak is too small to divide by (tiny shapes fit in memory already mapped)."""
+    if ref_bytes <= MIB or msda_bytes < 0:
+        return "-"
+    ratio = msda_bytes / ref_bytes
+    if ratio <= 0:
+        return "0"
+    return f"1/{1 / ratio:.1f}" if ratio < 1 else f"{ratio:.2f}"
+
+
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| case | shape | dev | fwd ms msda / ref | fwd speedup | fwd+bwd ms msda / ref | fwd+bwd speedup "
@@ -112,7 +123,7 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
                 f"{_ms(m['forward_backward_s'])} / {_ms(ref['forward_backward_s'])}",
                 f"{r['speedup_forward_backward']:.1f}x",
                 f"{m['peak_extra_bytes'] / MIB:.1f} / {ref['peak_extra_bytes'] / MIB:.1f}",
-                f"1/{r['memory_reduction']:.1f}",
+                _memory_ratio(m["peak_extra_bytes"], ref["peak_extra_bytes"]),
             ]
         lines.append(f"| {r['case']} | {_dims(r['dims'])} | {r['device']} | " + " | ".join(cells) + f" | {scaling} |")
     return lines
@@ -124,7 +135,9 @@ def _roofline_table(rows: list[dict[str, Any]], peaks: dict[str, Any]) -> list[s
         f"Machine peaks at {measured['threads']} threads: matmul {measured['gflops']:.0f} GFLOP/s, "
         f"copy {measured['copy_gbps']:.1f} GB/s (measured: {measured['how']})."
     ]
-    if derived.get("available"):
+    if not derived.get("available"):
+        lines[-1] += f" No derived peak ({derived.get('why', 'unavailable')})."
+    else:
         lines[-1] += (f" Derived: {derived['gflops']:.0f} GFLOP/s, cache loads {derived['cache_load_gbps']:.0f} GB/s "
                       f"({derived['how']}).")
     lines += [
@@ -157,14 +170,24 @@ def markdown(report: dict[str, Any]) -> str:
     machine, settings = report["machine"], report["settings"]
     op_rows = [r for r in report["rows"] if r["kind"] == "op"]
     module_rows = [r for r in report["rows"] if r["kind"] == "module"]
+    quick = settings["quick"]
     lines = [
-        "# msda benchmarks" + (" (--quick: reduced shapes, numbers are not meaningful)" if settings["quick"] else ""),
+        "# msda benchmarks" + (" (--quick smoke run)" if quick else ""),
         "",
+    ]
+    if quick:
+        lines += [
+            "**A smoke run: tiny shapes, few repeats. These numbers are not measurements; they show that every "
+            "case runs. No targets are checked and no machine limits derived. Run without --quick to measure.**",
+            "",
+        ]
+    lines += [
         f"Machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}, "
         f"msda {machine['msda_version']} ({machine['msda_build']}); GPU: {machine['gpu'] or 'none'}.",
         f"Command: `{settings['command']}`. Started {report['started_utc']}, took {report['elapsed_s']:.0f} s; "
         f"load average (1, 5, 15 min) {_load(machine['load_average_at_start'])} at the start, "
-        f"{_load(report['load_average_at_end'])} at the end (other work on the machine slows both sides).",
+        f"{_load(report['load_average_at_end'])} at the end (other work on the machine slows both sides); "
+        f"OMP_WAIT_POLICY={settings.get('omp_wait_policy') or 'unset'}.",
         f"Times are medians after warm-up: msda {settings['repeats']} runs ({settings['warmup']} warm-up), "
         f"reference {settings['reference_repeats']} runs ({settings['reference_warmup']} warm-up) for op cases and "
         f"{settings['module_reference_repeats']} for the module cases (a reference call takes seconds), "
@@ -185,6 +208,8 @@ def markdown(report: dict[str, Any]) -> str:
         for t in report["targets"]:
             lines.append(f"| {t['description']} | {t['value']:.1f}x | {'PASS' if t['pass'] else 'MISS'} |")
         lines.append("")
+    if quick:
+        return "\n".join(lines)
     lines += [
         "## Machine limit (msda CPU kernel)",
         "",

@@ -106,7 +106,12 @@ def derived_peaks(cores: int) -> dict[str, object]:
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     fma_pipes = 2 if "fma" in flags else 1
     if mhz is None:
-        return {"available": False}
+        return {"available": False, "why": "no clock known"}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if measured and load > 0.5 * (os.cpu_count() or 1):
+        # Other work shared the core while the add chain ran: the clock reads low
+        # (1234 MHz was seen on a 2-core VM under load), and every derived figure with it.
+        return {"available": False, "why": f"load average {load:.1f} while the clock was measured"}
     hz = mhz * 1e6
     clock = f"{mhz:.0f} MHz ({'measured' if measured else 'nominal, from /proc/cpuinfo'})"
     return {
@@ -161,6 +166,8 @@ def measured_peaks(threads: int, quick: bool = False) -> dict[str, object]:
 
 def machine_peaks(threads: int, quick: bool = False) -> dict[str, object]:
     cores = min(threads, os.cpu_count() or threads)
+    if quick:  # a smoke run derives nothing
+        return {"measured": measured_peaks(threads, quick), "derived": {"available": False, "why": "--quick"}}
     return {"measured": measured_peaks(threads, quick), "derived": derived_peaks(cores)}
 
 

@@ -20,6 +20,8 @@
 // (vectorised again).
 #pragma once
 
+#include "cpu/per_capability.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,9 +30,11 @@
 #include "cpu/geometry.h"
 #include "cpu/head_copies.h"
 #include "cpu/layout.h"
+#include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
 
 namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
 
 // How many queries ahead the backward prefetches its per-query arrays.
 constexpr int64_t kPrefetchAhead = 4;
@@ -135,7 +139,7 @@ inline void point_gradients(const BackwardItem<scalar_t, acc_t>& it, const Point
 }
 
 // How the backward cuts its work into tasks (n, head group, channel block),
-// from the shapes alone (layout.h: channel_blocks), so results are bitwise
+// from the shapes alone (tasks.h: channel_blocks), so results are bitwise
 // reproducible. A task walks the queries in order and, for each, the heads of
 // its group: with several heads per group the reads of locations, weights and
 // grad_output are contiguous runs instead of 1/M-strided ones. Groups shrink
@@ -259,4 +263,5 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace msda::cpu

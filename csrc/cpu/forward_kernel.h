@@ -10,6 +10,8 @@
 // corner rows, before sampling the current one.
 #pragma once
 
+#include "cpu/per_capability.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,9 +20,11 @@
 #include "cpu/geometry.h"
 #include "cpu/head_copies.h"
 #include "cpu/layout.h"
+#include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
 
 namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
 
 template <typename acc_t>
 using ForwardGeometry = ItemGeometry<acc_t, 1>;  // one target: value
@@ -215,4 +219,5 @@ void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace msda::cpu

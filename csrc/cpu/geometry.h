@@ -8,12 +8,15 @@
 // Results are kept as a structure of arrays (one array per quantity).
 #pragma once
 
+#include "cpu/per_capability.h"
+
 #include <cstdint>
 #include <vector>
 
 #include "checks.h"
 
 namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
 
 // Per point of an item (point lp lies on level lp / P): its level's size and
 // first row. The same for every item, so built once per call.
@@ -159,4 +162,5 @@ struct ItemGeometry {
   }
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace msda::cpu

@@ -15,14 +15,18 @@
 // use the tensors directly.
 #pragma once
 
+#include "cpu/per_capability.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "checks.h"
 #include "cpu/layout.h"
+#include "cpu/tasks.h"
 
 namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
 
 // Samples that land per row of value (per head), on average.
 inline double samples_per_row(const Problem& p) {
@@ -38,7 +42,7 @@ constexpr double kBackwardCopiesFrom = 2.0;
 inline bool forward_uses_head_copies(const Problem& p) { return samples_per_row(p) >= kForwardCopiesFrom; }
 inline bool backward_uses_head_copies(const Problem& p) { return samples_per_row(p) >= kBackwardCopiesFrom; }
 
-// Tasks (n, m, channel block), channel blocks from channel_blocks (layout.h).
+// Tasks (n, m, channel block), channel blocks from channel_blocks (tasks.h).
 struct HeadSplit {
   int64_t block_count, block_width;
   int64_t tasks(const Problem& p) const { return p.N * p.M * block_count; }
@@ -59,4 +63,5 @@ inline void copy_rows_out(const T* src, int64_t rows, int64_t width, T* dst, int
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * row_stride, src + r * width, width * sizeof(T));
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace msda::cpu

@@ -1,46 +1,22 @@
-// CPU kernels of msda::ms_deform_attn_forward / _backward: argument
-// preparation, dtype dispatch and registration. The kernels themselves are in
-// forward_kernel.h and backward_kernel.h.
-
-// Use torch's vector types for the widest instruction set the compiler
-// targets (setup.py passes -march=native by default): AVX-512 (F, BW, VL, DQ)
-// or AVX2. The distinct CPU_CAPABILITY namespace keeps these inline functions
-// apart from libtorch's own copies. MSDA_NO_AVX512 keeps AVX2.
-#if !defined(CPU_CAPABILITY) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512DQ__) && defined(__FMA__) && !defined(MSDA_NO_AVX512)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif !defined(CPU_CAPABILITY) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-
+// CPU entry points of msda::ms_deform_attn_forward / _backward: argument
+// checks, preparation and allocation, then the kernel of the CPU capability
+// chosen at load (kernels.h, dispatch.h). This file is compiled once, with
+// the baseline flags; the kernels themselves are compiled once per capability
+// (csrc/cpu/capability/).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
-#include "cpu/backward_kernel.h"
-#include "cpu/forward_kernel.h"
-#include "cpu/head_copies.h"
+#include "cpu/kernels.h"
 #include "cpu/layout.h"
-#include "cpu/vec_ops.h"
-#include "cpu/vector_path.h"
 
 namespace msda::cpu {
 
-const char* vector_path() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "AVX-512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "AVX2";
-#else
-  return "portable";
-#endif
-}
+MSDA_DEFINE_CPU_KERNEL(ms_deform_attn_forward_kernel, ForwardKernel);
+MSDA_DEFINE_CPU_KERNEL(ms_deform_attn_backward_kernel, BackwardKernel);
 
 namespace {
 
@@ -69,11 +45,7 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
   const Problem& p = in.layout.p;
   at::Tensor out = at::empty({p.N, p.Lq, p.M * p.D}, value.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    forward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),
-                             in.attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>());
-  });
+  ms_deform_attn_forward_kernel.get()(in.layout, in.value, in.loc, in.attn, out);
   return out;
 }
 
@@ -100,22 +72,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   // path to write them: an empty output would hand back uninitialised memory.
   // (numel() is used, not a product of sizes, which could overflow.)
   const bool any_work = attention_weights.numel() > 0 && p.D > 0;
-  const auto alloc = [any_work](at::IntArrayRef sizes, const at::TensorOptions& options, bool written) {
-    return any_work && written ? at::empty(sizes, options) : at::zeros(sizes, options);
+  const auto alloc = [any_work](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return any_work ? at::empty(sizes, options) : at::zeros(sizes, options);
   };
-  // With per-head copies the kernel writes every element of grad_value;
-  // location and weight gradients are written for every point.
-  at::Tensor grad_value = alloc(value.sizes(), value.options().dtype(in.acc), backward_uses_head_copies(p));
-  at::Tensor grad_loc = alloc(sampling_locations.sizes(), in.loc.options(), true);
-  at::Tensor grad_attn = alloc(attention_weights.sizes(), in.attn.options(), true);
+  // When it runs, the kernel writes every location and weight gradient, and
+  // writes or zeroes all of grad_value (kernels.h).
+  at::Tensor grad_value = alloc(value.sizes(), value.options().dtype(in.acc));
+  at::Tensor grad_loc = alloc(sampling_locations.sizes(), in.loc.options());
+  at::Tensor grad_attn = alloc(attention_weights.sizes(), in.attn.options());
   if (any_work) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-      using acc_t = acc_type<scalar_t>;
-      backward_kernel<scalar_t>(in.layout, in.value.const_data_ptr<scalar_t>(), in.loc.const_data_ptr<acc_t>(),
-                                in.attn.const_data_ptr<acc_t>(), go.const_data_ptr<acc_t>(),
-                                grad_value.mutable_data_ptr<acc_t>(), grad_loc.mutable_data_ptr<acc_t>(),
-                                grad_attn.mutable_data_ptr<acc_t>());
-    });
+    ms_deform_attn_backward_kernel.get()(in.layout, in.value, in.loc, in.attn, go, grad_value, grad_loc, grad_attn);
   }
   return {grad_value.to(value.scalar_type()), grad_loc.to(sampling_locations.scalar_type()),
           grad_attn.to(attention_weights.scalar_type())};

@@ -3,6 +3,8 @@
 // double). Kept apart from the kernels so they read as plain arithmetic.
 #pragma once
 
+#include "cpu/per_capability.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -11,6 +13,7 @@
 #include <type_traits>
 
 namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
 struct AccumulateTypeOf {
@@ -87,4 +90,5 @@ inline void lane_sums4(const Vec d[4], acc_t out[4]) {
   for (int k = 0; k < 4; ++k) out[k] = lane_sum<Vec, acc_t>(d[k]);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace msda::cpu

@@ -57,11 +57,15 @@ def draw_detections(
         colour = _PALETTE[label % len(_PALETTE)]
         x0, y0, x1, y1 = (float(v) for v in box)
         draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=colour, width=width)
-        tx0, ty0, tx1, ty1 = draw.textbbox((x0, y0), caption, font=font)
-        # caption above the box when there is room, inside it otherwise
-        shift = ty1 - ty0 + 2 if y0 - (ty1 - ty0 + 2) >= 0 else 0
-        draw.rectangle([tx0, ty0 - shift, tx1 + 2, ty1 - shift + 2], fill=colour)
+        tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), caption, font=font)
+        tw, th = tx1 - tx0 + 2, ty1 - ty0 + 2
+        # Caption above the box when there is room, inside it otherwise; always
+        # inside the picture (a box may touch or cross its border).
+        cx = min(max(0.0, x0), max(0.0, out.width - tw))
+        cy = y0 - th if y0 - th >= 0 else y0
+        cy = min(max(0.0, cy), max(0.0, out.height - th))
+        draw.rectangle([cx, cy, cx + tw, cy + th], fill=colour)
         # black text on light colours, white on dark ones (ITU-R 601 luma)
         luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        draw.text((x0 + 1, y0 - shift + 1), caption, fill=(0, 0, 0) if luma > 128 else (255, 255, 255), font=font)
+        draw.text((cx + 1 - tx0, cy + 1 - ty0), caption, fill=(0, 0, 0) if luma > 128 else (255, 255, 255), font=font)
     return out

@@ -3,22 +3,29 @@
     python -m examples.deformable_detr.predict CHECKPOINT IMAGE_OR_FOLDER [...] --output-dir detections
 
 For every image, writes <output-dir>/<name>.png (boxes, labels and scores drawn) and
-<output-dir>/<name>.json (the detections). Works with the original repository's checkpoints
-(the variant is read from the weights) and with ours.
+<output-dir>/<name>.json (the detections; boxes clipped to the image). Works with the original
+repository's checkpoints (the variant is read from the weights) and with ours; a checkpoint that
+records its class names and image size (the demo's) is used with them unless the options say otherwise.
 """
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning (README "OMP_WAIT_POLICY"); it
+# takes effect when this module is the program, before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .api import AUTOCAST_DTYPES, Detector
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_checkpoint
 from .configs import VARIANTS
 from .draw import draw_detections
 
@@ -39,9 +46,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass, padded with masks (default: %(default)s)")
     p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the model under autocast (for CUDA)")
-    p.add_argument("--short-side", type=int, default=800, help="resize the short side to this (default: %(default)s)")
-    p.add_argument("--max-size", type=int, default=1333, help="cap on the long side after resizing (default: %(default)s)")
-    p.add_argument("--class-names", help="text file with one class name per line (label index = line number); default COCO")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize the short side to this (default: the checkpoint's training size, else 800)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="cap on the long side after resizing (default: the checkpoint's, else 1333)")
+    p.add_argument("--class-names", help="text file with one class name per line (label index = line number); "
+                   "default: the checkpoint's names, else COCO's")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -90,6 +100,23 @@ def output_stems(files: Sequence[str]) -> list[str]:
     return stems
 
 
+def checkpoint_hints(path: str) -> dict:
+    """What a checkpoint records beyond its weights (the demo's: class_names, short_side, max_size)."""
+    try:
+        saved = read_checkpoint(path).get("args")
+    except CheckpointError:
+        return {}  # Detector.from_checkpoint reports it
+    return {k: getattr(saved, k) for k in ("class_names", "short_side", "max_size") if hasattr(saved, k)}
+
+
+def clip_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """xyxy boxes clipped to the image: the model may place a box edge past the border."""
+    out = boxes.clone()
+    out[:, 0::2] = out[:, 0::2].clamp(0, width)
+    out[:, 1::2] = out[:, 1::2].clamp(0, height)
+    return out
+
+
 def run(args: argparse.Namespace) -> list[str]:
     """Predict and write every image; returns the written JSON paths."""
     if not os.path.isfile(args.checkpoint):
@@ -101,10 +128,15 @@ def run(args: argparse.Namespace) -> list[str]:
             raise PredictError(f"class names file not found: {args.class_names}")
         with open(args.class_names, encoding="utf-8") as f:
             class_names = [line.strip() for line in f]
+    hints = checkpoint_hints(args.checkpoint)
+    if class_names is None and hints.get("class_names"):
+        class_names = list(hints["class_names"])
+    short_side = args.short_side or int(hints.get("short_side", 800))
+    max_size = args.max_size or int(hints.get("max_size", 1333))
     try:
         detector = Detector.from_checkpoint(
             args.checkpoint, variant=args.variant, device=args.device, autocast=args.autocast,
-            short_side=args.short_side, max_size=args.max_size,
+            short_side=short_side, max_size=max_size,
             **({"class_names": class_names} if class_names is not None else {}),
         )
     except (CheckpointError, ValueError) as exc:  # wrong variant, unusable device, ...
@@ -117,6 +149,7 @@ def run(args: argparse.Namespace) -> list[str]:
         images = [open_image(f) for f in chunk]
         results = detector.predict(images, threshold=args.threshold)
         for path, stem, image, result in zip(chunk, stems[start:], images, results):
+            result["boxes"] = clip_boxes(result["boxes"], image.width, image.height)
             drawn = draw_detections(image, result["boxes"], result["labels"], result["scores"], detector.class_names)
             drawn.save(os.path.join(args.output_dir, f"{stem}.png"))
             record = {

@@ -16,9 +16,15 @@ lr_scheduler, epoch, args) and resume exactly. AMP (``--amp``) applies on CUDA.
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning (README "OMP_WAIT_POLICY"):
+# read once, when torch loads, so it only takes effect when this module is the
+# program (python -m / torchrun -m). An OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import random
 import time
 from typing import Any, Optional, Sequence
@@ -61,7 +67,8 @@ CONFIG_FIELDS = (
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Deformable DETR training", add_help=True)
+    p = argparse.ArgumentParser(prog="python -m examples.deformable_detr.train",
+                                description="Train (and evaluate) Deformable DETR")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-4)
     g.add_argument("--lr_backbone", type=float, default=2e-5)

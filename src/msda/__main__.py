@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -29,8 +30,16 @@ def info() -> str:
         ]
     if _extension.AVAILABLE:
         lines.append(f"extension: loaded; kernels for {', '.join(sorted(_extension.KERNEL_DEVICES)) or 'no device'}")
-        flags = getattr(build, "CPU_FLAGS", "?")
-        lines.append(f"CPU kernels: {_extension.EXTENSION.vector_path()} vector code (compiler flags {flags})")
+        ext = _extension.EXTENSION
+        flags = getattr(build, "CPU_FLAGS", "") or "none"
+        lines += [
+            f"CPU kernels compiled for: {', '.join(ext.cpu_capabilities_compiled())} (extra compiler flags: {flags})",
+            f"CPU kernels this CPU allows: {', '.join(ext.cpu_capabilities_allowed())}",
+            f"CPU kernels in use: {ext.cpu_capability()} "
+            f"({_extension.CPU_CAPABILITY_ENV}={os.environ.get(_extension.CPU_CAPABILITY_ENV, '') or 'unset'})",
+        ]
+        if ext.cpu_capability_refusal():
+            lines.append(f"  refused: {ext.cpu_capability_refusal()}")
     else:
         lines.append(f"extension: NOT loaded: {_extension.UNAVAILABLE_REASON} (ops use the reference)")
     lines.append(f"torch CUDA: {torch.version.cuda or 'none'}, GPU available: {torch.cuda.is_available()}")

@@ -3,7 +3,8 @@
 The extension is only loaded when it was built against the torch that is
 running: loading a library built for another torch ABI can crash the process,
 so the version recorded at build time (``msda/_build_info.py``, written by
-setup.py) is compared first. When the extension cannot be used, the public
+setup.py) is compared first: the release series must match (2.13 for torch
+2.13.x), as the wheel's requirement says (README "Wheels"). When the extension cannot be used, the public
 functions fall back to the reference with one warning, unless
 ``MSDA_REQUIRE_EXTENSION=1`` is set (CI sets it), which turns this into an error.
 """
@@ -24,6 +25,11 @@ BUILD_HINT = (
 )
 
 
+def _series(version: str) -> str:
+    """'2.13' for '2.13.0+cpu'."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def _load() -> tuple[Any, Any, str]:
     """Return (build_info module or None, _C module or None, reason it is unusable or '')."""
     try:
@@ -31,7 +37,7 @@ def _load() -> tuple[Any, Any, str]:
     except ImportError:
         return None, None, "msda was not built with its compiled extension (no msda/_build_info.py)"
     built_for = getattr(build_info, "TORCH_VERSION", "unknown")
-    if built_for != torch.__version__:
+    if _series(built_for) != _series(torch.__version__):
         return build_info, None, (
             f"msda's extension was built for torch {built_for}, but torch {torch.__version__} is running"
         )
@@ -44,6 +50,12 @@ def _load() -> tuple[Any, Any, str]:
 
 BUILD_INFO, EXTENSION, UNAVAILABLE_REASON = _load()
 AVAILABLE: bool = EXTENSION is not None
+
+CPU_CAPABILITY_ENV = "MSDA_CPU_CAPABILITY"
+# The CPU kernels' instruction set was chosen when _C loaded (csrc/cpu/dispatch.h):
+# the best this CPU supports, or a lower one forced with MSDA_CPU_CAPABILITY.
+if AVAILABLE and EXTENSION.cpu_capability_refusal():
+    warnings.warn(EXTENSION.cpu_capability_refusal(), RuntimeWarning, stacklevel=2)
 
 if not AVAILABLE and os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
     raise ImportError(f"{UNAVAILABLE_REASON}, and {REQUIRE_ENV} is set. {BUILD_HINT}")

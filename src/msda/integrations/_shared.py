@@ -1,0 +1,84 @@
+"""What both integrations share: the cheap, bitwise-equal sampling-location
+arithmetic, and msda's op called the way the grid_sample functions of
+transformers and mmcv are (shapes only, no level start rows)."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from ..ops import ms_deform_attn
+
+__all__ = ["match_dtype", "shapes_and_starts", "attention_from_shapes", "sampling_locations"]
+
+
+def match_dtype(value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # msda takes locations and weights in value's dtype or float32; the
+    # grid_sample paths accept any float mix (autocast can produce e.g. float16
+    # weights next to a bfloat16 value), so widen the odd one out to float32.
+    if t.dtype == value.dtype or t.dtype == torch.float32:
+        return t
+    return t.float()
+
+
+def shapes_and_starts(
+    value: torch.Tensor, value_spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The grid_sample functions take the shapes alone (a tensor, or a list of
+    # (H, W) ints in transformers); msda also wants the level start rows.
+    if isinstance(value_spatial_shapes, torch.Tensor):
+        shapes = value_spatial_shapes.to(device=value.device, dtype=torch.int64)
+    else:
+        pairs = [[int(h), int(w)] for h, w in value_spatial_shapes]
+        shapes = torch.tensor(pairs, dtype=torch.int64, device=value.device)
+    areas = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    return shapes, starts
+
+
+def attention_from_shapes(
+    value: torch.Tensor,
+    value_spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """msda's op with the arguments of transformers' ``multi_scale_deformable_attention``
+    and mmcv's ``multi_scale_deformable_attn_pytorch``."""
+    shapes, starts = shapes_and_starts(value, value_spatial_shapes)
+    return ms_deform_attn(
+        value, shapes, starts, match_dtype(value, sampling_locations), match_dtype(value, attention_weights)
+    )
+
+
+def sampling_locations(
+    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor, n_points: int
+) -> torch.Tensor:
+    """The sampling locations of transformers' and mmcv's modules, bitwise
+    equal, but cheap.
+
+    ``offsets`` is (N, Lq, M, L, P, 2); ``reference_points`` (N, Lq, L, 2)
+    points or (N, Lq, L, 4) boxes. Both broadcast the reference points
+    and the normaliser over (M, L, P, 2) directly, which torch runs two
+    elements at a time. Here the same operations, in the same order and with
+    the same dtype promotions, run on a (N, Lq, M, L*P*2) view whose operands
+    broadcast only over M, so each one is a contiguous row of L*P*2: equal
+    bits, several times faster at the encoder's shapes.
+    """
+    N, Lq, M, L, P, _ = offsets.shape
+    flat = offsets.reshape(N, Lq, M, L * P * 2)
+    per_query = (N, Lq, 1, L * P * 2)
+    if reference_points.shape[-1] == 2:
+        # offsets are in pixels of each level; both divide by the integer
+        # (W_l, H_l) tensor itself, so keep it integer (same promotion).
+        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+        normalizer = normalizer[:, None, :].expand(L, P, 2).reshape(L * P * 2)
+        base = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(per_query)
+        locations = base + flat / normalizer
+    elif reference_points.shape[-1] == 4:
+        base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
+        size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
+        locations = base + flat / n_points * size * 0.5
+    else:
+        raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
+    return locations.view(N, Lq, M, L, P, 2)
