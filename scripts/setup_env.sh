@@ -23,7 +23,9 @@ DEPS=(
   pybind11 ninja "setuptools>=77" wheel           # the build
   pytest hypothesis                               # the tests
   scipy pillow pycocotools matplotlib             # the example detector (matching, images, COCO AP, plots)
-  transformers==5.24.0 mmcv-lite==2.2.0 kernels==0.17.2  # msda.integrations tests: HF models, mmcv's real module, kernels' kernelize
+  onnx onnxscript onnxruntime                     # ONNX export (msda.onnx) and running the exported graphs
+  transformers==5.24.0 mmcv-lite==2.2.0 kernels==0.17.2  # msda.integrations tests: HF models, mmcv's real module, kernels' kernelize;
+                                                        # transformers also for the v2 op against its multi_scale_deformable_attention_v2
 )
 python -m pip install -q --disable-pip-version-check "${DEPS[@]}"
 echo "== building msda against torch $(python -c 'import torch; print(torch.__version__)')"

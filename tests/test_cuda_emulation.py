@@ -21,7 +21,7 @@ from cases import check_against_truth, level_tables, make_case
 from test_op_vs_reference import DTYPE_COMBINATIONS, problems
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
-from build import load_emulation  # noqa: E402
+from build import load_emulation, shared_arrays  # noqa: E402
 
 # As many examples as the CPU kernel tests; MSDA_EMULATION_EXAMPLES changes it.
 EXAMPLES = int(os.environ.get("MSDA_EMULATION_EXAMPLES", "25"))
@@ -94,6 +94,141 @@ def test_emulated_cuda_matches_float64_truth(emu, dtypes, problem):
 def test_each_kernel_variant(emu, D, dtype, P):
     case = make_case(N=2, Lq=3, M=2, D=D, shapes=[(5, 4), (3, 2), (2, 3), (1, 1)], P=P, seed=D, value_dtype=dtype)
     check_against_truth(case, *run_emulated(emu, case))
+
+
+@pytest.fixture
+def capped_grid(emu):
+    yield emu.set_grid_cap
+    emu.set_grid_cap(2**31 - 1)
+
+
+# The launch code picks grid.x <= the cap; the kernels' grid-stride loops must
+# cover the rest (several rounds per thread, and per block for the block kernel).
+@pytest.mark.parametrize("cap", [1, 3])
+@pytest.mark.parametrize("D,dtype", [(8, torch.float32), (3, torch.float64), (40, torch.float16), (33, torch.float32)])
+def test_capped_grid_runs_grid_stride_rounds(emu, capped_grid, cap, D, dtype):
+    case = make_case(N=2, Lq=40, M=3, D=D, shapes=[(5, 4), (2, 3)], P=2, seed=cap, value_dtype=dtype)
+    capped_grid(cap)
+    before = emu.stats()
+    out, grads = run_emulated(emu, case)
+    after = emu.stats()
+    assert after["blocks"] - before["blocks"] <= 2 * cap  # forward + backward, at most `cap` blocks each
+    check_against_truth(case, out, grads)
+
+
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values, contiguous, at an address that is not 16-byte aligned."""
+    storage = torch.empty(t.numel() + 16, dtype=t.dtype)
+    offset = next(i for i in range(1, 16) if (storage.data_ptr() + i * t.element_size()) % 16 != 0)
+    shifted = storage[offset:offset + t.numel()].view_as(t).copy_(t)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    return shifted
+
+
+# Every tensor a kernel loads or stores in vectors (value, grad_output), and
+# the others, misaligned one at a time through a storage offset; D is a
+# multiple of the vector so only alignment can rule the vectors out.
+@pytest.mark.parametrize("which", ["value", "grad_output", "sampling_locations", "attention_weights"])
+@pytest.mark.parametrize("D,dtype", [(16, torch.float32), (16, torch.float16), (8, torch.bfloat16),
+                                     (4, torch.float64), (264, torch.float16)])
+def test_each_input_misaligned(emu, which, D, dtype):
+    case = make_case(N=2, Lq=4, M=2, D=D, shapes=[(4, 4), (2, 3)], P=2, seed=D, value_dtype=dtype,
+                     loc_dtype=torch.float32 if dtype != torch.float64 else dtype,
+                     attn_dtype=torch.float32 if dtype != torch.float64 else dtype)
+    setattr(case, which, misaligned_copy(getattr(case, which)))
+    check_against_truth(case, *run_emulated(emu, case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [1, 8, 264])
+@pytest.mark.parametrize("backend", ["emulated-cuda", "cpu"])
+def test_16bit_grad_value_terms_are_summed_in_float32(emu, backend, dtype, D):
+    # Two queries sample the same pixel centre (bilinear weight 1) with
+    # attention 1 + eps and 1 and grad_output +1 and -1: grad_value there is
+    # (1 + eps) - 1 = eps exactly in float32, which the 16-bit dtype holds. Had
+    # each term been rounded to 16 bits first, 1 + eps would become 1 and the
+    # sum 0.
+    eps = torch.finfo(dtype).eps / 4  # a quarter of the spacing above 1
+    assert float(torch.tensor(1 + eps).to(dtype)) == 1.0 and float(torch.tensor(eps).to(dtype)) == eps
+    value = torch.rand(1, 4, 1, D, dtype=torch.float64).to(dtype)
+    shapes, starts = level_tables([(2, 2)])
+    loc = torch.full((1, 2, 1, 1, 1, 2), 0.25, dtype=torch.float32)  # pixel (0, 0) of the 2x2 map
+    attn = torch.tensor([1 + eps, 1.0], dtype=torch.float32).view(1, 2, 1, 1, 1)
+    grad_out = torch.cat([torch.ones(1, 1, D), -torch.ones(1, 1, D)], dim=1).to(dtype)
+    if backend == "cpu":
+        grad_value = torch.ops.msda.ms_deform_attn_backward(value, shapes, starts, loc, attn, grad_out)[0]
+    else:
+        grad_value = emu.backward(value, shapes, starts, loc, attn, grad_out)[0]
+    assert grad_value.dtype == dtype
+    assert (grad_value[0, 0] == eps).all(), grad_value[0, 0]
+    assert (grad_value[0, 1:] == 0).all()
+
+
+def valid_corners(case) -> int:
+    """Corners inside the map of every sampled point, computed as the kernels do."""
+    acc = torch.float64 if case.value.dtype == torch.float64 else torch.float32
+    total = 0
+    for l, (H, W) in enumerate(case.spatial_shapes.tolist()):
+        loc = case.sampling_locations[..., l, :, :].to(acc)
+        x = loc[..., 0] * W - 0.5
+        y = loc[..., 1] * H - 0.5
+        sampled = (x > -1) & (x < W) & (y > -1) & (y < H)
+        x0, y0 = torch.floor(x), torch.floor(y)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                ok = (x0 + dx >= 0) & (x0 + dx < W) & (y0 + dy >= 0) & (y0 + dy < H)
+                total += int((sampled & ok).sum())
+    return total
+
+
+# Each valid corner of each point adds D channels to grad_value with one
+# atomicAdd each: a plain `+=` (a race on a GPU) changes the count.
+@pytest.mark.parametrize("D,dtype", [(4, torch.float32), (3, torch.float64), (264, torch.float16), (33, torch.float32)])
+def test_atomics_one_per_valid_corner_and_channel(emu, D, dtype):
+    case = make_case(N=2, Lq=7, M=2, D=D, shapes=[(5, 4), (2, 3), (1, 1)], P=3, seed=D, value_dtype=dtype)
+    before = emu.stats()["atomics"]
+    emu.backward(*case.inputs, case.grad_output)
+    count = emu.stats()["atomics"] - before
+    assert count == valid_corners(case) * D > 0
+
+
+def test_shared_arrays_have_red_zones(emu):
+    # One partial-sums array per block-kernel instantiation (4 dtypes x 2
+    # vector widths x with and without grad_value) plus the selftests', each
+    # with a red zone after it.
+    arrays = shared_arrays(emu.__file__)
+    assert len(arrays) >= 17 and all(red_zone >= 16 for _, _, red_zone, _ in arrays)
+
+
+# Deliberately wrong kernels (tests/cuda_emulation/selftest_kernels.h): every
+# out-of-bounds access fails, whatever the memory around the tensor holds.
+@pytest.mark.parametrize(
+    "kernel,n,threads,message",
+    [
+        ("read_past_end", 64, 1, "out-of-bounds access to in at byte offset 256"),  # against the guard
+        ("read_far_before", 64, 1, "out-of-bounds access to in at byte offset -16384"),
+        ("write_past_end", 63, 1, "wrote past the end of out"),  # into the poison after it
+        ("write_past_end", 64, 1, "out-of-bounds access to out at byte offset 256"),  # into the guard
+        ("write_before_start", 64, 1, "wrote before the start of out"),
+        ("shared_past_end", 64, 64, "shared-memory write out of bounds"),
+    ],
+)
+def test_memory_checks_catch_out_of_bounds_accesses(emu, kernel, n, threads, message):
+    inp = torch.ones(n, dtype=torch.float32)
+    out = torch.zeros(n, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        emu.selftest(kernel, inp, out, threads)
+    # The emulator carries on after the error.
+    case = make_case(N=1, Lq=3, M=1, D=4, shapes=[(2, 2)], P=1, seed=0, value_dtype=torch.float32)
+    check_against_truth(case, *run_emulated(emu, case))
+
+
+def test_memory_checks_read_poison_just_past_the_end(emu):
+    # 63 floats end 4 bytes before the guard: the read past the end gets the
+    # poison (NaN), never a plausible value.
+    out = torch.zeros(1, dtype=torch.float32)
+    emu.selftest("read_past_end", torch.ones(63, dtype=torch.float32), out, 1)
+    assert torch.isnan(out).all()
 
 
 def test_misaligned_value_uses_the_scalar_path(emu):
@@ -189,15 +324,69 @@ def test_wrong_level_tables_skip_the_level_instead_of_reading_out_of_bounds(emu,
     assert (grads[2][..., ~level_used, :] == 0).all()
 
 
-def test_backward_under_deterministic_algorithms_raises_torchs_error(emu):
-    case = make_case(N=1, Lq=2, M=1, D=4, shapes=[(2, 2)], P=1, seed=0, value_dtype=torch.float32)
-    emu.forward(*case.inputs)  # the forward is deterministic
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_COMBINATIONS, ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
+@settings(max_examples=max(EXAMPLES // 3, 5))
+@given(problem=problems())
+def test_deterministic_backward_matches_float64_truth(emu, dtypes, problem):
+    value_dtype, loc_dtype, attn_dtype = dtypes
+    case = make_case(**problem, value_dtype=value_dtype, loc_dtype=loc_dtype, attn_dtype=attn_dtype)
+    case = off_the_sampling_boundary(case)
+    before = emu.stats()["atomics"]
     torch.use_deterministic_algorithms(True)
     try:
-        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
-            emu.backward(*case.inputs, case.grad_output)
+        out, grads = run_emulated(emu, case)
     finally:
         torch.use_deterministic_algorithms(False)
+    check_against_truth(case, out, grads)
+    assert emu.stats()["atomics"] == before  # grad_value without atomics
+
+
+# Many queries on few pixels: every row of grad_value sums many terms, whose
+# float32 sum depends on their order.
+COLLIDING = dict(N=2, Lq=40, M=2, shapes=[(3, 4), (2, 2)], P=4)
+
+
+@pytest.mark.parametrize("D,dtype", [(4, torch.float32), (3, torch.float32), (8, torch.float16),
+                                     (132, torch.float32), (2, torch.float64)])
+def test_deterministic_backward_is_bitwise_reproducible_across_thread_orders(emu, D, dtype):
+    case = make_case(**COLLIDING, D=D, seed=D, value_dtype=dtype)
+
+    def grads(seed, cap, deterministic):
+        emu.set_seed(seed)
+        emu.set_grid_cap(cap)  # fewer blocks: other threads handle each item
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            return emu.backward(*case.inputs, case.grad_output)
+        finally:
+            torch.use_deterministic_algorithms(False)
+            emu.set_grid_cap(2**31 - 1)
+            emu.set_seed(int(os.environ.get("MSDA_EMULATION_SEED", "12345")))
+
+    runs = [grads(seed, cap, True) for seed, cap in [(1, 2**31 - 1), (2, 2**31 - 1), (3, 1), (4, 2)]]
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+    check_against_truth(case, emu.forward(*case.inputs), runs[0])
+    # The same scheduling changes do change the atomic algorithm's float32
+    # grad_value: the test above can see an order dependence.
+    if dtype == torch.float32:
+        atomic = [grads(seed, 2**31 - 1, False)[0] for seed in (1, 2, 3)]
+        assert not (torch.equal(atomic[0], atomic[1]) and torch.equal(atomic[0], atomic[2]))
+
+
+def test_deterministic_backward_with_no_sampled_points(emu, deterministic):
+    case = make_case(N=2, Lq=3, M=2, D=4, shapes=[(3, 3)], P=2, seed=0, value_dtype=torch.float32)
+    far = torch.full_like(case.sampling_locations, 5.0)
+    grad_value, grad_loc, grad_attn = emu.backward(*make_case_like(case, sampling_locations=far).inputs,
+                                                   case.grad_output)
+    assert (grad_value == 0).all() and (grad_loc == 0).all() and (grad_attn == 0).all()
 
 
 def test_argument_errors_name_the_argument(emu):

@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 // The emulation harness defines this to assert the alignment a GPU requires.
 #ifndef MSDA_CHECK_ALIGNED
@@ -43,16 +44,29 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// On the device one vector load/store through the Pack type; compiled as host
+// C++ (the emulation) a memcpy, since reading T objects through a Pack lvalue
+// breaks strict aliasing there (undefined behaviour the optimiser may use).
 template <typename T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
   MSDA_CHECK_ALIGNED(p, sizeof(Pack<T, VEC>));
+#ifdef __CUDA_ARCH__
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
+#else
+  Pack<T, VEC> x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+#endif
 }
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& x) {
   MSDA_CHECK_ALIGNED(p, sizeof(Pack<T, VEC>));
+#ifdef __CUDA_ARCH__
   *reinterpret_cast<Pack<T, VEC>*>(p) = x;
+#else
+  std::memcpy(p, &x, sizeof(x));
+#endif
 }
 
 // a / b for a >= 0, b >= 1, without 64-bit integer division: on the GPU that
@@ -194,9 +208,12 @@ __global__ void ms_deform_attn_forward_kernel(
 
 // ---------------------------------------------------------------------------
 // Backward, shared part: for one sampling point and VEC channels, scatter
-// grad_value (float32/float64 atomics) and return this thread's partial sums of
-// d/d(attention weight) and d/d(pixel x, y) over its channels.
-template <typename scalar_t, typename acc_t, int VEC>
+// grad_value (float32/float64 atomics; not without kScatter, for the
+// deterministic algorithm, which computes it apart) and return this thread's
+// partial sums of d/d(attention weight) and d/d(pixel x, y) over its channels.
+// (A template flag rather than a null check: the check costs the 16-bit
+// 8-wide warp kernel 16-24 more registers.)
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter>
 __device__ __forceinline__ void backward_point(const scalar_t* v, acc_t* gv, int64_t row_stride,
                                                const Corners<acc_t>& cn, acc_t a, const acc_t* go, acc_t& g_attn,
                                                acc_t& g_x, acc_t& g_y) {
@@ -207,10 +224,12 @@ __device__ __forceinline__ void backward_point(const scalar_t* v, acc_t* gv, int
       const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(v + cn.row[k] * row_stride);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) corner[k][i] = static_cast<acc_t>(x.v[i]);
-      const acc_t aw = a * cn.w[k];
-      acc_t* dst = gv + cn.row[k] * row_stride;
+      if constexpr (kScatter) {
+        const acc_t aw = a * cn.w[k];
+        acc_t* dst = gv + cn.row[k] * row_stride;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, aw * go[i]);
+        for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, aw * go[i]);
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) corner[k][i] = acc_t(0);
@@ -245,7 +264,7 @@ __device__ __forceinline__ acc_t segment_sum(acc_t x, unsigned mask, int width) 
 // of `width` lanes (the next power of two >= D/VEC; lanes past D/VEC only add
 // zeros). Location and weight gradients are reduced with warp shuffles and
 // written once, by the segment's first lane.
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter>
 __global__ void ms_deform_attn_backward_warp_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
@@ -266,7 +285,7 @@ __global__ void ms_deform_attn_backward_warp_kernel(
     const int64_t c = active ? g * VEC : 0;
     const HeadQuery h = head_query(hq, S, M, D, Lq);
     const scalar_t* v = value + h.value_offset + c;
-    acc_t* gv = grad_value + h.value_offset + c;
+    acc_t* gv = kScatter ? grad_value + h.value_offset + c : nullptr;
     const acc_t* hq_loc = loc + hq * L * P * 2;
     const acc_t* hq_attn = attn + hq * L * P;
     acc_t go[VEC];
@@ -285,7 +304,8 @@ __global__ void ms_deform_attn_backward_warp_kernel(
         const acc_t a = hq_attn[l * P + p];
         // Uniform across the segment (same head-query and point).
         if (lv.valid && locate(hq_loc[2 * (l * P + p)], hq_loc[2 * (l * P + p) + 1], lv, cn)) {
-          if (active) backward_point<scalar_t, acc_t, VEC>(v, gv, row_stride, cn, a, go, g_attn, g_x, g_y);
+          if (active)
+            backward_point<scalar_t, acc_t, VEC, kScatter>(v, gv, row_stride, cn, a, go, g_attn, g_x, g_y);
           g_attn = segment_sum(g_attn, mask, width);
           g_x = segment_sum(g_x, mask, width) * a * static_cast<acc_t>(lv.W);
           g_y = segment_sum(g_y, mask, width) * a * static_cast<acc_t>(lv.H);
@@ -304,7 +324,7 @@ __global__ void ms_deform_attn_backward_warp_kernel(
 // thread looping over channel groups. Per point, warps reduce with shuffles
 // into shared memory; after a barrier the block sums the warps' partials and
 // writes each gradient once.
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t, typename acc_t, int VEC, bool kScatter>
 __global__ void ms_deform_attn_backward_block_kernel(
     const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
     const acc_t* __restrict__ loc, const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
@@ -333,8 +353,9 @@ __global__ void ms_deform_attn_backward_block_kernel(
             const int64_t c = g * VEC;
             acc_t go[VEC];
             load_grad_output<scalar_t, acc_t, VEC>(grad_out + hq * D + c, go);
-            backward_point<scalar_t, acc_t, VEC>(value + h.value_offset + c, grad_value + h.value_offset + c,
-                                                 row_stride, cn, a, go, g_attn, g_x, g_y);
+            backward_point<scalar_t, acc_t, VEC, kScatter>(value + h.value_offset + c,
+                                                           kScatter ? grad_value + h.value_offset + c : nullptr,
+                                                           row_stride, cn, a, go, g_attn, g_x, g_y);
           }
           g_attn = segment_sum(g_attn, 0xffffffffu, kWarpSize);
           g_x = segment_sum(g_x, 0xffffffffu, kWarpSize) * a * static_cast<acc_t>(lv.W);
@@ -360,6 +381,70 @@ __global__ void ms_deform_attn_backward_block_kernel(
       }
       __syncthreads();  // the next round overwrites `partial`
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic grad_value, for torch.use_deterministic_algorithms(True).
+// Step 1: one thread per sampling point writes, for each of its 4 corners
+// e = 4 * point + k, the row of grad_value it adds to, key[e] = (n*S + row)*M + m
+// (or `none` for a corner off the map or a point not sampled), and the factor
+// weight[e] = attention * bilinear weight. Step 2 (host): a stable sort of the
+// keys gives, for every row, its entries in increasing e, and a binary search
+// where each row's entries start. Step 3: one thread per (row, VEC channels)
+// sums weight[e] * grad_out[hq(e)] over its entries in that order and writes
+// the row: no atomics, one fixed order, so the same bits whatever the
+// scheduling. The products are those of the atomic algorithm.
+template <typename acc_t>
+__global__ void ms_deform_attn_corner_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                                             const acc_t* __restrict__ loc, const acc_t* __restrict__ attn,
+                                             int32_t* __restrict__ key, acc_t* __restrict__ weight, int64_t HQ,
+                                             int64_t S, int64_t M, int64_t Lq, int64_t L, int64_t P, int32_t none) {
+  const int64_t points = HQ * L * P;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < points;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t hq = div_floor(t, L * P);
+    const int64_t lp = t - hq * L * P;
+    const Level lv = read_level(shapes, starts, div_floor(lp, P), S);
+    Corners<acc_t> cn;
+    const bool sampled = lv.valid && locate(loc[2 * t], loc[2 * t + 1], lv, cn);
+    const acc_t a = attn[t];
+    const int64_t m = hq - div_floor(hq, M) * M;
+    const int64_t n = div_floor(hq, Lq * M);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool ok = sampled && cn.ok[k];
+      key[4 * t + k] = ok ? static_cast<int32_t>((n * S + cn.row[k]) * M + m) : none;
+      weight[4 * t + k] = ok ? a * cn.w[k] : acc_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void ms_deform_attn_grad_value_gather_kernel(const int64_t* __restrict__ row_begin,
+                                                        const int64_t* __restrict__ order,
+                                                        const acc_t* __restrict__ weight,
+                                                        const scalar_t* __restrict__ grad_out,
+                                                        acc_t* __restrict__ grad_value, int64_t rows, int64_t D,
+                                                        int64_t LP) {
+  const int64_t groups = D / VEC;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows * groups;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = div_floor(t, groups);
+    const int64_t c = (t - row * groups) * VEC;
+    acc_t acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = acc_t(0);
+    for (int64_t j = row_begin[row]; j < row_begin[row + 1]; ++j) {
+      const int64_t e = order[j];
+      const acc_t w = weight[e];
+      const int64_t hq = div_floor(e, 4 * LP);
+      const Pack<scalar_t, VEC> g = load_pack<scalar_t, VEC>(grad_out + hq * D + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += w * static_cast<acc_t>(g.v[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) grad_value[row * D + c + i] = acc[i];
   }
 }
 

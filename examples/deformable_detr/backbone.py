@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FrozenBatchNorm2d", "ResNet", "Backbone", "load_imagenet_weights"]
@@ -188,9 +187,21 @@ class Backbone(nn.Module):
         return [(f, downsample_mask(mask, f.shape[-2:])) for f in features]
 
 
+def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    # ATen's nearest rule, floor(i * (float32)(in / out)) capped at in - 1, written out: ONNX's Resize
+    # (what F.interpolate exports to) divides by out / in instead and picks the next row at
+    # integer ratios (70 -> 5 columns), which moved the exported model's padding by one pixel
+    scale = torch.scalar_tensor(in_size, dtype=torch.float32, device=device) / out_size
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long()
+    return index.clamp(max=in_size - 1)
+
+
 def downsample_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a (B, H, W) bool padding mask, as the original."""
-    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+    """Nearest-neighbour resize of a (B, H, W) bool padding mask, as the original
+    (``F.interpolate(mask[None].float(), size)``, bit for bit)."""
+    rows = _nearest_indices(mask.shape[-2], size[0], mask.device)
+    cols = _nearest_indices(mask.shape[-1], size[1], mask.device)
+    return mask[:, rows][:, :, cols]
 
 
 def load_imagenet_weights(resnet: ResNet, path: str) -> None:

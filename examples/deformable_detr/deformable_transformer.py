@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,18 @@ from .box_ops import inverse_sigmoid
 from .position_encoding import sine_embedding
 
 __all__ = ["DeformableTransformer"]
+
+
+# The (h, w) of every level: the (L, 2) spatial_shapes tensor, or a sequence of Python ints.
+LevelSizes = Union[Tensor, Sequence[Sequence[int]]]
+
+
+def _level_sizes(spatial_shapes: LevelSizes) -> list[tuple[int, int]]:
+    """(h, w) per level. A sequence is used as given, so an export with dynamic image sizes keeps
+    them symbolic (reading them back from the tensor would make them data-dependent)."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -95,7 +107,7 @@ class Encoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    def reference_points(spatial_shapes: LevelSizes, valid_ratios: torch.Tensor) -> torch.Tensor:
         """Pixel centres of every level, normalised by the valid (unpadded) size -> (N, S, L, 2).
 
         Each point is then scaled by every level's valid ratio: the same image location,
@@ -103,10 +115,11 @@ class Encoder(nn.Module):
         """
         device = valid_ratios.device
         points = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(_level_sizes(spatial_shapes)):
+            # arange + 0.5 equals linspace(0.5, h - 0.5, h) exactly (step 1) and exports with symbolic h
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -116,9 +129,11 @@ class Encoder(nn.Module):
 
     def forward(
         self, src: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
-        pos: Tensor, padding_mask: Optional[Tensor],
+        pos: Tensor, padding_mask: Optional[Tensor], level_sizes: Optional[LevelSizes] = None,
     ) -> Tensor:
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        """``level_sizes``: the (h, w) of every level as Python (or symbolic) ints, when the caller
+        has them; otherwise they are read from ``spatial_shapes``."""
+        reference_points = self.reference_points(spatial_shapes if level_sizes is None else level_sizes, valid_ratios)
         out = src
         for layer in self.layers:
             out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -217,7 +232,7 @@ class DeformableTransformer(nn.Module):
         valid_w = torch.sum(~mask[:, 0, :], 1)
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
-    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: LevelSizes) -> tuple[Tensor, Tensor]:
         """One proposal box per encoder pixel, in logit space, and the memory that scores them.
 
         Centre at the pixel centre over the valid size, size 0.05 * 2**level. Proposals touching the
@@ -225,13 +240,13 @@ class DeformableTransformer(nn.Module):
         """
         n = memory.shape[0]
         proposals, start = [], 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(_level_sizes(spatial_shapes)):
             level_mask = padding_mask[:, start : start + h * w].view(n, h, w)
             valid_h = torch.sum(~level_mask[:, :, 0], 1)
             valid_w = torch.sum(~level_mask[:, 0, :], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),  # = linspace(0, h - 1, h)
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)
@@ -269,17 +284,22 @@ class DeformableTransformer(nn.Module):
         src_flat = torch.cat(src_flat, 1)
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        # one scalar_tensor per size, not torch.as_tensor(shapes): under torch.export the sizes stay
+        # symbolic (as_tensor would fix them to the example's, losing dynamic image sizes)
+        spatial_shapes = torch.stack(
+            [torch.scalar_tensor(size, dtype=torch.long, device=src_flat.device) for hw in shapes for size in hw]
+        ).view(len(shapes), 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
 
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
+        # the Python sizes, not spatial_shapes' values: torch.export keeps them symbolic (dynamic image size)
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat, shapes)
 
         batch, _, c = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
             assert self.decoder.class_embed is not None and self.decoder.bbox_embed is not None
-            output_memory, proposals = self.encoder_proposals(memory, mask_flat, spatial_shapes)
+            output_memory, proposals = self.encoder_proposals(memory, mask_flat, shapes)
             head = self.decoder.num_layers  # the extra head after the decoder's own
             enc_class = self.decoder.class_embed[head](output_memory)
             enc_coord_unact = self.decoder.bbox_embed[head](output_memory) + proposals

@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import functools
 import json
 import sys
 from typing import Optional, Sequence
@@ -28,6 +29,7 @@ from .api import AUTOCAST_DTYPES, Detector
 from .checkpoint import CheckpointError, read_checkpoint
 from .configs import VARIANTS
 from .draw import draw_detections
+from .export import BACKENDS, exported_detector
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -52,6 +54,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="cap on the long side after resizing (default: the checkpoint's, else 1333)")
     p.add_argument("--class-names", help="text file with one class name per line (label index = line number); "
                    "default: the checkpoint's names, else COCO's")
+    p.add_argument(
+        "--backend", choices=("torch", *BACKENDS), default="torch",
+        help="torch (default): run the checkpoint; onnxruntime/aoti: CHECKPOINT is a file from examples.deformable_detr.export",
+    )
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -128,13 +134,15 @@ def run(args: argparse.Namespace) -> list[str]:
             raise PredictError(f"class names file not found: {args.class_names}")
         with open(args.class_names, encoding="utf-8") as f:
             class_names = [line.strip() for line in f]
-    hints = checkpoint_hints(args.checkpoint)
+    hints = checkpoint_hints(args.checkpoint) if args.backend == "torch" else {}
     if class_names is None and hints.get("class_names"):
         class_names = list(hints["class_names"])
     short_side = args.short_side or int(hints.get("short_side", 800))
     max_size = args.max_size or int(hints.get("max_size", 1333))
+    # an exported file (examples.deformable_detr.export) or a checkpoint
+    load = Detector.from_checkpoint if args.backend == "torch" else functools.partial(exported_detector, backend=args.backend)
     try:
-        detector = Detector.from_checkpoint(
+        detector = load(
             args.checkpoint, variant=args.variant, device=args.device, autocast=args.autocast,
             short_side=short_side, max_size=max_size,
             **({"class_names": class_names} if class_names is not None else {}),

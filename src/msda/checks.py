@@ -44,7 +44,9 @@ def check_inputs(
     if value.dtype not in VALUE_DTYPES:
         _fail(f"value must have dtype float64, float32, bfloat16 or float16, got {value.dtype}")
     N, S, M, D = value.shape
-    if M * D >= 2**63:
+    # "> 2**63 - 1", not ">= 2**63": the TorchScript ONNX exporter traces this comparison and
+    # cannot hold 2**63 as a constant (int64 overflow)
+    if M * D > 2**63 - 1:
         # With N or S = 0 value holds nothing whatever M and D are; the output's
         # last dimension M*D must still be a valid size (the C++ checks agree).
         _fail(f"value must have M*D (the output's last dimension) below 2**63, got (N, S, M, D) = {_shape(value)}")

@@ -18,6 +18,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
+from . import onnx as _onnx_export
 from .checks import check_grad_output, check_inputs
 from .reference import ms_deform_attn_reference
 
@@ -66,6 +67,11 @@ def ms_deform_attn(
         # The registered autograd formula is backward-only; without this check
         # the tangents would be dropped silently.
         raise RuntimeError(FORWARD_AD_ERROR)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no msda kernel: both exporters trace standard operators instead (msda/onnx.py).
+        return _onnx_export.export_form(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     device = value.device
     if device.type == "meta":
         # Shapes only: the registered fake kernel answers. The reference cannot

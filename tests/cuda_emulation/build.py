@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from types import ModuleType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,22 +23,76 @@ def cache_dir() -> str:
     return os.environ.get("MSDA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "msda")
 
 
-def load_emulation(csrc: str | None = None, verbose: bool = False) -> ModuleType:
-    """Compile (if needed) and import the emulation module for `csrc`."""
+def load_emulation(
+    csrc: str | None = None, verbose: bool = False, entry: str = "emulated_ops.cpp", tsan: bool = False
+) -> ModuleType:
+    """Compile (if needed) and import the emulation module for `csrc`.
+
+    entry: the op's entry file (emulated_ops_v2.cpp: the v2 op of issue 13).
+    tsan: build it with ThreadSanitizer and race detection (race_detection.h);
+    such a module loads only in a process that started with libtsan preloaded
+    (tsan_check.py does that)."""
     from torch.utils import cpp_extension
 
     csrc = os.path.abspath(csrc or os.environ.get("MSDA_EMULATION_CSRC") or os.path.join(REPO_ROOT, "csrc"))
     tag = hashlib.sha1(csrc.encode()).hexdigest()[:10]
     name = f"msda_cuda_emulation_{tag}"
+    if entry != "emulated_ops.cpp":
+        name += "_" + os.path.splitext(entry)[0]
+    name += "_tsan" if tsan else ""
     build_dir = os.path.join(cache_dir(), "cuda_emulation", name)
     os.makedirs(build_dir, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
-    return cpp_extension.load(
+    module = cpp_extension.load(
         name=name,
-        sources=[os.path.join(HERE, "emulated_ops.cpp")],
+        sources=[os.path.join(HERE, entry)],
         extra_include_paths=[csrc, HERE],
         # -O1 keeps the build short; the emulation's speed is in its fibers.
-        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"],  # "#pragma unroll"
+        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]  # "#pragma unroll"
+        + (["-fsanitize=thread", "-DMSDA_EMU_TSAN"] if tsan else []),
+        extra_ldflags=["-fsanitize=thread"] if tsan else [],
         build_directory=build_dir,
         verbose=verbose,
     )
+    module.set_shared_layout(shared_arrays(module.__file__))
+    return module
+
+
+# Mangled names of static locals in functions of msda::cuda_kernels: in device
+# code the only such statics are __shared__ arrays.
+SHARED_PREFIX = b"_ZZN4msda12cuda_kernels"
+RED_ZONE = b"msda_emu_red_zone_"
+
+
+def shared_arrays(path: str) -> list[tuple[int, int, int, str]]:
+    """(address, bytes, red zone bytes, symbol) of every __shared__ array of the
+    kernels, read from the ELF64 symbol table of the built module: the red zone
+    is the padding and the 4 KiB red-zone static (cuda_emulation.h's __shared__)
+    that follow it. For the emulator's red-zone checks (memory_checks.h)."""
+    with open(path, "rb") as f:
+        elf = f.read()
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise RuntimeError(f"{path}: not a little-endian ELF64 file")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    symtab = next(sh for sh in sections if sh[1] == 2)  # SHT_SYMTAB
+    strtab = sections[symtab[6]]
+    objects, arrays = [], set()
+    for off in range(symtab[4], symtab[4] + symtab[5], symtab[9]):
+        name, info, _, shndx, value, size = struct.unpack_from("<IBBHQQ", elf, off)
+        if info & 0xF != 1 or size == 0:  # STT_OBJECT
+            continue
+        symbol = elf[strtab[4] + name:elf.index(b"\0", strtab[4] + name)]
+        if not (symbol.startswith(SHARED_PREFIX) and RED_ZONE in symbol):
+            objects.append(value)
+            if symbol.startswith(SHARED_PREFIX):
+                arrays.add((value, size, symbol.decode()))
+    layout = []
+    for value, size, symbol in sorted(arrays):
+        # Up to the next object that is not a red zone: only red zones and
+        # alignment padding lie in between (at most 16 KiB are checked).
+        end = value + size
+        layout.append((value, size, min([o for o in objects if o >= end] + [end + 16384]) - end, symbol))
+    return layout

@@ -11,13 +11,22 @@
 //   * blocks and their threads run in a shuffled order (seeded, reproducible),
 //     and threads switch only at __syncthreads and warp operations, so a
 //     missing barrier lets one thread run far ahead of another;
-//   * shared memory is poisoned (all bytes 0xFF: NaN) before each block;
+//   * shared memory is poisoned (all bytes 0xFF: NaN) before each block
+//     (memory_checks.h);
 //   * every thread must reach each __syncthreads, at the same source line,
 //     none having exited;
 //   * warp shuffles: the caller must be in the mask, every named lane must
 //     arrive at the same operation with the same mask, a lane may only read a
 //     named lane, width is a power of two <= 32;
-//   * vector loads/stores and atomics assert the alignment the GPU needs.
+//   * vector loads/stores and atomics assert the alignment the GPU needs;
+//   * shared memory has red zones between its arrays, checked after each
+//     block, and every tensor the kernels touch is a copy fenced by poisoned
+//     bytes and unmapped pages (memory_checks.h);
+//   * atomics are counted (a plain `+=` in place of atomicAdd changes the count);
+//   * the grid can be capped (set_grid_cap) so that grid-stride loops run
+//     several rounds;
+//   * built with ThreadSanitizer, conflicting accesses that no barrier or
+//     atomic orders are reported (race_detection.h).
 // An error stops the launch and throws std::runtime_error naming the block
 // and thread.
 //
@@ -29,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -37,6 +47,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -46,19 +57,25 @@
 
 #define MSDA_EMULATION 1
 
+#include "race_detection.h"
+
 // ---- CUDA keywords -------------------------------------------------------
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Statics of one section: the emulator finds them (__start_/__stop_ symbols
-// the linker provides) to poison them before each block. Blocks run one at a
-// time, so a static is exactly a block's shared memory.
-#define __shared__ __attribute__((section("msda_emu_shared"), aligned(16))) static
-
-extern "C" char __start_msda_emu_shared[] __attribute__((weak));
-extern "C" char __stop_msda_emu_shared[] __attribute__((weak));
+// A __shared__ array is a static: blocks run one at a time, so a static is
+// exactly a block's shared memory. Each one comes with a 4 KiB static of its
+// own declared just before it, which the compiler places next to it: a red
+// zone that memory_checks.h poisons before each block and checks after it.
+// (A section attribute would be simpler, but GCC ignores it for statics of
+// function templates.)
+#define MSDA_EMU_CAT2(a, b) a##b
+#define MSDA_EMU_CAT(a, b) MSDA_EMU_CAT2(a, b)
+#define __shared__                                                                                        \
+  __attribute__((used, aligned(4096))) static char MSDA_EMU_CAT(msda_emu_red_zone_, __LINE__)[4096]; \
+  __attribute__((aligned(4096))) static
 
 struct uint3 {
   unsigned x, y, z;
@@ -131,7 +148,7 @@ struct Fiber {
 };
 
 struct Stats {
-  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0;
+  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0, atomics = 0;
 };
 
 struct Emulator {
@@ -146,9 +163,18 @@ struct Emulator {
   int threads = 0, at_barrier = 0, done = 0, barrier_line = 0;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
+  // Race detection's synchronisation objects of the running block: its
+  // barrier, then one per warp (new for every block, so that blocks stay unordered).
+  std::unique_ptr<char[]> sync_objects;
+  // Which set of stacks (and race-detection fibers) the block runs on: with
+  // race detection, consecutive blocks alternate between two, so that a
+  // thread slot of one block and the same slot of the next are different
+  // threads to TSan.
+  int stack_set = 0;
   std::string error;
   std::mt19937_64 rng{0};
   uint64_t seed = 0x5eed;
+  int64_t grid_cap = 0x7fffffff;  // largest grid.x the launch code may pick
   Stats stats;
   // Fiber stacks, allocated once for the largest block.
   char* stacks = nullptr;
@@ -173,18 +199,24 @@ inline std::string where(const Fiber* f) {
 
 // Called on a fiber: return to the scheduler; resumes when scheduled again.
 inline void yield_to_scheduler() {
+  race::harness_begin();
   ++g.stats.switches;
   Fiber* f = g.current;
+  race::harness_end();
+  race::to_scheduler();
   msda_emu_switch(&f->sp, g.scheduler_sp);
 }
 
 // Record the first error and leave the fiber for good: the scheduler throws.
 [[noreturn]] inline void fail(const std::string& what) {
+  race::harness_begin();  // this fiber never runs again (race::reset_fibers)
   if (g.error.empty()) g.error = "CUDA emulation: " + what + " (" + where(g.current) + ")";
   if (g.current) {
     g.current->state = State::Done;
+    race::to_scheduler();
     msda_emu_switch(&g.current->sp, g.scheduler_sp);
   }
+  race::harness_end();
   throw std::runtime_error(g.error);  // only reached outside a fiber
 }
 
@@ -194,6 +226,8 @@ inline void make_ready(int i) {
 }
 
 inline void finish_thread() {
+  race::thread_end();
+  race::harness_begin();
   Fiber* f = g.current;
   if (g.at_barrier > 0) fail("thread exited while other threads of its block wait at __syncthreads");
   const unsigned bit = 1u << f->lane;
@@ -206,10 +240,13 @@ inline void finish_thread() {
   }
   f->state = State::Done;
   ++g.done;
+  race::harness_end();
+  race::to_scheduler();
   msda_emu_switch(&f->sp, g.scheduler_sp);
 }
 
 inline void fiber_entry() {
+  race::thread_begin();
   g.body();
   finish_thread();
 }
@@ -237,10 +274,14 @@ inline void* initial_stack(int i) {
   return sp;
 }
 
+inline void poison_shared();
+inline void check_shared_red_zones();
+inline void release_device_copies();
+inline void guard_device_faults(bool on);
+
 inline void run_block(uint3 block_idx) {
   g.block_idx = block_idx;
-  const size_t shared = static_cast<size_t>(__stop_msda_emu_shared - __start_msda_emu_shared);
-  if (shared) std::memset(__start_msda_emu_shared, 0xff, shared);
+  poison_shared();
   const int n = g.threads;
   for (int i = 0; i < n; ++i) {
     Fiber& f = g.fibers[i];
@@ -249,11 +290,12 @@ inline void run_block(uint3 block_idx) {
     f.thread_idx = {i % g.block.x, (i / g.block.x) % g.block.y, i / (g.block.x * g.block.y)};
     f.lane = i % kWarp;
     f.warp = i / kWarp;
-    f.sp = initial_stack(i);
+    f.sp = initial_stack(g.stack_set * g.threads + i);
   }
   std::fill(g.warp_arrived.begin(), g.warp_arrived.end(), 0u);
   g.at_barrier = g.done = 0;
   g.ready.clear();
+  g.sync_objects.reset(new char[1 + g.warp_arrived.size()]);
   for (int i = 0; i < n; ++i) g.ready.push_back(i);
   while (!g.ready.empty()) {
     const size_t j = g.rng() % g.ready.size();
@@ -263,11 +305,17 @@ inline void run_block(uint3 block_idx) {
     g.current = &g.fibers[i];
     g.current->state = State::Running;
     ++g.stats.switches;
+    race::to_fiber(g.stack_set * g.threads + i);
     msda_emu_switch(&g.scheduler_sp, g.current->sp);
     g.current = nullptr;
-    if (!g.error.empty()) throw std::runtime_error(g.error);
+    if (!g.error.empty()) {
+      race::reset_fibers();
+      throw std::runtime_error(g.error);
+    }
   }
+  g.sync_objects.reset();  // freed: TSan forgets their clocks
   if (g.done != n) {
+    race::reset_fibers();
     std::ostringstream s;
     s << "CUDA emulation: deadlock in " << where(nullptr) << ": " << g.done << " of " << n << " threads finished, "
       << g.at_barrier << " wait at __syncthreads";
@@ -280,9 +328,12 @@ inline void run_block(uint3 block_idx) {
     }
     throw std::runtime_error(s.str());
   }
+  check_shared_red_zones();
 }
 
-inline void check_launch(dim3 grid, dim3 block, size_t dynamic_shared) {
+inline size_t shared_bytes_declared(void* kernel);
+
+inline void check_launch(dim3 grid, dim3 block, size_t dynamic_shared, void* kernel) {
   std::ostringstream s;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0)
@@ -291,7 +342,7 @@ inline void check_launch(dim3 grid, dim3 block, size_t dynamic_shared) {
     s << "invalid configuration argument: block (" << block.x << ", " << block.y << ", " << block.z << ")";
   else if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
     s << "invalid configuration argument: grid (" << grid.x << ", " << grid.y << ", " << grid.z << ")";
-  const size_t shared = static_cast<size_t>(__stop_msda_emu_shared - __start_msda_emu_shared) + dynamic_shared;
+  const size_t shared = shared_bytes_declared(kernel) + dynamic_shared;
   if (s.str().empty() && shared > kMaxSharedBytes) s << "too much shared memory: " << shared << " bytes";
   if (!s.str().empty()) throw std::runtime_error("CUDA emulation: " + s.str());
 }
@@ -300,15 +351,21 @@ inline void check_launch(dim3 grid, dim3 block, size_t dynamic_shared) {
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_shared, Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "wrong number of kernel arguments");
-  check_launch(grid, block, dynamic_shared);
+  check_launch(grid, block, dynamic_shared, reinterpret_cast<void*>(kernel));
   std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
+  struct Race {  // the threads see everything the host did before, and it sees all they did
+    Race() { race::enter_launch(); }
+    ~Race() { race::leave_launch(); }
+  } race_scope;
   g.body = [&] { std::apply(kernel, params); };
   g.grid = grid;
   g.block = block;
   g.grid_dim = {grid.x, grid.y, grid.z};
   g.block_dim = {block.x, block.y, block.z};
   g.threads = static_cast<int>(block.x * block.y * block.z);
-  ensure_stacks(g.threads);
+  constexpr int kStackSets = race::kEnabled ? 2 : 1;
+  ensure_stacks(kStackSets * g.threads);
+  race::ensure_fibers(kStackSets * g.threads);
   g.fibers.assign(g.threads, Fiber{});
   g.warp_arrived.assign((g.threads + kWarp - 1) / kWarp, 0u);
   g.rng.seed(g.seed + 0x9e3779b97f4a7c15ull * ++g.stats.launches);
@@ -318,6 +375,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_shar
   for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
   std::shuffle(order.begin(), order.end(), g.rng);
   for (uint64_t b : order) {
+    g.stack_set = race::kEnabled ? (g.stack_set + 1) % 2 : 0;
     run_block({static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y))});
   }
@@ -328,6 +386,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_shar
 
 // ---- synchronisation -------------------------------------------------------
 inline void syncthreads(int line) {
+  race::harness_begin();
   Fiber* f = g.current;
   if (g.done > 0) fail("__syncthreads reached after other threads of the block exited");
   if (g.at_barrier == 0) {
@@ -341,12 +400,17 @@ inline void syncthreads(int line) {
     g.at_barrier = 0;
     for (int i = 0; i < g.threads; ++i) make_ready(i);
   }
+  void* barrier = &g.sync_objects[0];
+  race::harness_end();
+  race::arrive(barrier);
   yield_to_scheduler();
+  race::leave(barrier);
 }
 
 template <typename T>
 T warp_op(WarpOp op, unsigned mask, T value, int arg, int width) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "unsupported shuffle type");
+  race::harness_begin();
   Fiber* f = g.current;
   const int lane = f->lane;
   if (width < 1 || width > kWarp || (width & (width - 1)) != 0)
@@ -392,9 +456,15 @@ T warp_op(WarpOp op, unsigned mask, T value, int arg, int width) {
     }
     arrived &= ~mask;
   }
+  void* warp_sync = op == WarpOp::SyncWarp ? &g.sync_objects[1 + f->warp] : nullptr;  // shuffles order no memory
+  race::harness_end();
+  if (warp_sync) race::arrive(warp_sync);
   yield_to_scheduler();
+  if (warp_sync) race::leave(warp_sync);
+  race::harness_begin();
   T out;
   std::memcpy(&out, &f->result, sizeof(T));
+  race::harness_end();
   return out;
 }
 
@@ -433,16 +503,23 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { msda_emu::warp_op(msda_emu::WarpOp::SyncWarp, mask, 0, 0, 32); }
 
-// Atomics: the emulation runs one thread at a time, so a plain update is atomic;
-// the alignment is checked as the GPU would.
+// Atomics: real __atomic operations (relaxed, like CUDA's), so that race
+// detection sees them as atomic; the alignment is checked as the GPU would,
+// and the calls are counted.
 template <typename T>
 T emulated_atomic_add(T* address, T v) {
   msda_emu::check_aligned(address, sizeof(T), "atomicAdd");
-  const T old = *address;
-  *address = old + v;
+  __atomic_fetch_add(&msda_emu::g.stats.atomics, 1, __ATOMIC_RELAXED);
+  T old, sum;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  do {
+    sum = old + v;
+  } while (!__atomic_compare_exchange(address, &old, &sum, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
 }
 inline float atomicAdd(float* address, float v) { return emulated_atomic_add(address, v); }
 inline double atomicAdd(double* address, double v) { return emulated_atomic_add(address, v); }
 inline int atomicAdd(int* address, int v) { return emulated_atomic_add(address, v); }
 inline unsigned atomicAdd(unsigned* address, unsigned v) { return emulated_atomic_add(address, v); }
+
+#include "memory_checks.h"

@@ -1,11 +1,11 @@
 """Show that the CUDA emulation tests catch deliberate bugs in the CUDA kernels.
 
 For each bug below: copy csrc/ to a temporary directory, apply the one edit,
-rebuild the emulation harness against the copy, run tests/test_cuda_emulation.py
-(stopping at the first failure), and record whether it failed. The unmodified
+rebuild the emulation harness against the copy, run the emulation tests
+(TEST_FILES, stopping at the first failure), and record whether it failed. The unmodified
 sources run first and must pass. Prints a table bug -> caught / MISSED.
 
-    python tests/cuda_emulation/inject_bugs.py [--only NAME ...] [--list]
+    python tests/cuda_emulation/inject_bugs.py [--only NAME ...] [--list] [--tsan]
 
 Exit status 0 when every bug is caught. Takes a few minutes (one harness
 build, about 30 s, per bug).
@@ -25,6 +25,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 KERNELS = "cuda/ms_deform_attn_kernels.cuh"
+# The test files that run the emulated CUDA kernels (with -x: the first failure ends a run).
+# The quick and targeted ones first (pytest runs each test once, in this order).
+TEST_FILES = ["test_window_edges.py", "test_large.py"] + [
+    f"test_cuda_emulation.py::{name}" for name in (
+        "test_each_kernel_variant", "test_capped_grid_runs_grid_stride_rounds", "test_each_input_misaligned",
+        "test_16bit_grad_value_terms_are_summed_in_float32", "test_atomics_one_per_valid_corner_and_channel",
+        "test_deterministic_backward_is_bitwise_reproducible_across_thread_orders")
+] + ["test_cuda_emulation.py"]
 LAUNCH = "cuda/ms_deform_attn_launch.h"
 
 
@@ -54,15 +62,15 @@ BUGS = [
         "for (int w = 0; w < warps; ++w) sum += partial[w][j][k];",
         "for (int w = 0; w + 1 < warps; ++w) sum += partial[w][j][k];"),
     Bug("grad_value misses the bilinear weight", "reduction", KERNELS,
-        "const acc_t aw = a * cn.w[k];\n      acc_t* dst",
-        "const acc_t aw = a;\n      acc_t* dst"),
+        "const acc_t aw = a * cn.w[k];\n        acc_t* dst",
+        "const acc_t aw = a;\n        acc_t* dst"),
     Bug("shuffle mask names the wrong lanes", "warp shuffle", KERNELS,
         "const unsigned mask = segment_bits << (lane & ~(width - 1));",
         "const unsigned mask = segment_bits;"),
     # (A grid that is merely too small is not a bug: the kernels loop over the rest.)
     Bug("forward grid rounds down to zero blocks", "launch configuration", LAUNCH,
-        "std::min(ceil_div(threads_needed, kThreadsPerBlock), kMaxGridX)",
-        "std::min(threads_needed / kThreadsPerBlock, kMaxGridX)"),
+        "grid_for(ceil_div(threads_needed, kThreadsPerBlock))",
+        "grid_for(threads_needed / kThreadsPerBlock)"),
     Bug("warp kernel blocks not a whole number of warps", "launch configuration", LAUNCH,
         "MSDA_LAUNCH(kernel, grid, dim3(kThreadsPerBlock), 0, stream,",
         "MSDA_LAUNCH(kernel, grid, dim3(kThreadsPerBlock - 56), 0, stream,"),
@@ -87,6 +95,49 @@ BUGS = [
     Bug("invalid levels not skipped", "memory safety", KERNELS,
         "lv.valid = lv.H >= 1 && lv.W >= 1 && lv.start >= 0 && lv.start <= S &&",
         "lv.valid = lv.H >= 1 && lv.W >= 1 &&"),
+    # The classes an independent set of injected bugs found missed (issue 12).
+    Bug("sampling window admits x == W", "window edge", KERNELS,
+        "if (!(x > acc_t(-1) && x < W && y > acc_t(-1) && y < H)) return false;",
+        "if (!(x > acc_t(-1) && x <= W && y > acc_t(-1) && y < H)) return false;"),
+    Bug("sampling window admits y == -1", "window edge", KERNELS,
+        "if (!(x > acc_t(-1) && x < W && y > acc_t(-1) && y < H)) return false;",
+        "if (!(x > acc_t(-1) && x < W && y >= acc_t(-1) && y < H)) return false;"),
+    Bug("grad_value += instead of atomicAdd", "race", KERNELS,
+        "for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, aw * go[i]);",
+        "for (int i = 0; i < VEC; ++i) dst[i] += aw * go[i];"),
+    Bug("forward grid-stride step doubled", "grid-stride loop", KERNELS,
+        "       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const int64_t hq = div_floor(t, groups);",
+        "       t += 2 * static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const int64_t hq = div_floor(t, groups);"),
+    Bug("backward vectorised although grad_output is misaligned", "alignment", LAUNCH,
+        "const bool vec = can_vectorize<scalar_t>(p.D, {&in.value, &go});",
+        "const bool vec = can_vectorize<scalar_t>(p.D, {&in.value});"),
+    Bug("block kernel with more warps than its shared array holds", "shared memory bounds", LAUNCH,
+        "std::min<int64_t>(ceil_div(groups, kWarpSize) * kWarpSize, kThreadsPerBlock)",
+        "std::min<int64_t>(ceil_div(groups, kWarpSize) * kWarpSize, 2 * kThreadsPerBlock)"),
+    Bug("forward value offset truncated to int32", "64-bit indexing", KERNELS,
+        "h.value_offset = (h.n * S * M + h.m) * D;",
+        "h.value_offset = static_cast<int32_t>((h.n * S * M + h.m) * D);"),
+    Bug("forward row offset truncated to int32", "64-bit indexing", KERNELS,
+        "load_pack<scalar_t, VEC>(v + cn.row[k] * row_stride);\n#pragma unroll\n          for (int i = 0; i < VEC; ++i) acc[i]",
+        "load_pack<scalar_t, VEC>(v + static_cast<int32_t>(cn.row[k] * row_stride));\n#pragma unroll\n"
+        "          for (int i = 0; i < VEC; ++i) acc[i]"),
+    Bug("grad_value terms rounded to the 16-bit dtype before the atomic", "precision", KERNELS,
+        "atomicAdd(dst + i, aw * go[i]);",
+        "atomicAdd(dst + i, static_cast<acc_t>(static_cast<scalar_t>(aw * go[i])));"),
+    # What the deterministic memory checks are for.
+    Bug("grad_value not zeroed", "unzeroed output", LAUNCH,
+        ": at::zeros(in.value.sizes(), value.options().dtype(acc));",
+        ": at::empty(in.value.sizes(), value.options().dtype(acc));"),
+    # The deterministic backward.
+    Bug("deterministic gather skips a row's last entry", "deterministic backward", KERNELS,
+        "for (int64_t j = row_begin[row]; j < row_begin[row + 1]; ++j) {",
+        "for (int64_t j = row_begin[row]; j + 1 < row_begin[row + 1]; ++j) {"),
+    Bug("deterministic keys forget the head", "deterministic backward", KERNELS,
+        "key[4 * t + k] = ok ? static_cast<int32_t>((n * S + cn.row[k]) * M + m) : none;",
+        "key[4 * t + k] = ok ? static_cast<int32_t>((n * S + cn.row[k]) * M) : none;"),
+    Bug("corner check admits the column past the last", "memory safety", KERNELS,
+        "const bool x_ok[2] = {x0 >= 0, x0 + 1 < lv.W};",
+        "const bool x_ok[2] = {x0 >= 0, x0 + 1 <= lv.W};"),
 ]
 
 
@@ -102,12 +153,15 @@ def apply(bug: Bug, csrc: str) -> None:
         f.write(text.replace(bug.old, bug.new))
 
 
-def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
+def run_tests(csrc: str, cache: str, timeout: float, tsan: bool = False) -> tuple[str, float, str]:
     """Return (outcome, seconds, last line): 'passed', 'failed', 'crashed', 'build error' or 'timeout'."""
     env = dict(os.environ, MSDA_EMULATION_CSRC=csrc, MSDA_CACHE_DIR=cache, CI=os.environ.get("CI", "true"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-           os.path.join(REPO_ROOT, "tests", "test_cuda_emulation.py")]
+    if tsan:  # the race detection check instead of the tests
+        cmd = [sys.executable, os.path.join(HERE, "tsan_check.py"), "--only", "backward", "forward"]
+    else:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        cmd += [os.path.join(REPO_ROOT, "tests", name) for name in TEST_FILES]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -115,7 +169,7 @@ def run_tests(csrc: str, cache: str, timeout: float) -> tuple[str, float, str]:
         return "timeout", time.time() - start, ""
     seconds = time.time() - start
     out = proc.stdout + proc.stderr
-    failed_lines = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    failed_lines = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR")) or "FAIL" in line]
     last = failed_lines[0] if failed_lines else (out.strip().splitlines() or [""])[-1]
     if proc.returncode == 0:
         return "passed", seconds, last
@@ -131,6 +185,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run only bugs whose name contains one of these words")
     parser.add_argument("--list", action="store_true", help="list the bugs and exit")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not first check that the unmodified sources pass (when they just did)")
+    parser.add_argument("--tsan", action="store_true",
+                        help="judge each bug by the race detection check (tsan_check.py) alone, not the tests")
     args = parser.parse_args()
     bugs = [b for b in BUGS if not args.only or any(w in b.name for w in args.only)]
     if args.list:
@@ -145,8 +203,9 @@ def main() -> int:
             return os.path.join(root, "csrc"), os.path.join(root, "cache")
 
         csrc, cache = fresh_csrc("baseline")
-        outcome, seconds, last = run_tests(csrc, cache, args.timeout)
-        print(f"baseline (no bug): {outcome} in {seconds:.0f} s", flush=True)
+        outcome, seconds, last = ("passed", 0.0, "") if args.skip_baseline else run_tests(
+            csrc, cache, args.timeout, args.tsan)
+        print(f"baseline (no bug): {'skipped' if args.skip_baseline else outcome} in {seconds:.0f} s", flush=True)
         if outcome != "passed":
             print(f"  {last}\nthe unmodified kernels must pass first", file=sys.stderr)
             return 2
@@ -156,7 +215,7 @@ def main() -> int:
         for i, bug in enumerate(bugs):
             csrc, cache = fresh_csrc(f"bug{i}")
             apply(bug, csrc)
-            outcome, seconds, last = run_tests(csrc, cache, args.timeout)
+            outcome, seconds, last = run_tests(csrc, cache, args.timeout, args.tsan)
             verdict = {"failed": "caught", "crashed": "caught (crash)", "passed": "MISSED"}.get(outcome, outcome)
             rows.append((bug, verdict, seconds, last))
             print(f"{verdict:12} {seconds:5.0f} s  {bug.kind:22} {bug.name}\n{'':20}{last[:150]}", flush=True)

@@ -1,0 +1,228 @@
+// CPU kernels of the v2 op's discrete mode (compiled once per CPU
+// capability through csrc/cpu/capability/v2_discrete_kernels.cpp): each point reads the single
+// pixel of csrc/v2_discrete_index.h, weighted by its attention weight.
+//
+// Layout: the per-point Layout of v2_ms_deform_attn_cpu.cpp (p.L = the
+// item's points, p.P = 1, H/W/start per point). Forward: items (n, q, m) in
+// memory order, channels accumulated in vector registers. Backward:
+// deterministic without atomics as in backward_kernel.h: a task owns
+// grad_value[n, :, m, channel block] and walks its queries in order; the
+// weight gradients of channel blocks are combined afterwards in block order.
+// Locations get no gradient in this mode (the caller returns zeros).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/layout.h"
+#include "cpu/per_capability.h"
+#include "cpu/tasks.h"
+#include "cpu/vec_ops.h"
+#include "v2_discrete_index.h"
+
+namespace msda::cpu {
+inline namespace CPU_CAPABILITY {
+
+// The size and first row of each point's level, in the index type loc_t.
+template <typename loc_t>
+struct DiscretePoints {
+  std::vector<loc_t> width_f, height_f;
+  std::vector<int64_t> width, height, start;
+
+  explicit DiscretePoints(const Layout& layout)
+      : width(layout.W), height(layout.H), start(layout.start) {
+    for (int64_t i = 0; i < layout.p.L; ++i) {
+      width_f.push_back(static_cast<loc_t>(width[i]));
+      height_f.push_back(static_cast<loc_t>(height[i]));
+    }
+  }
+
+  // Row (level start + y * W + x) that point i of an item reads, or -1 when
+  // its location is NaN. loc: the item's (x, y) pairs.
+  int64_t row(int64_t i, const loc_t* loc) const {
+    const int64_t x = discrete_index(loc[2 * i], width_f[i], width[i]);
+    const int64_t y = discrete_index(loc[2 * i + 1], height_f[i], height[i]);
+    return (x < 0 || y < 0) ? -1 : start[i] + y * width[i] + x;
+  }
+};
+
+// out[c, c + kVecs * Vec::size()) = sum_i weight[i] * rows[i][c...], in two
+// accumulator sets (even and odd points) to keep dependency chains short,
+// summed in a fixed order.
+template <int kVecs, typename scalar_t, typename acc_t>
+inline void gather_channels(const acc_t* weight, const scalar_t* const* rows, int64_t count, int64_t c,
+                            scalar_t* out) {
+  using Load = VecLoad<scalar_t>;
+  using Vec = typename Load::Vec;
+  Vec acc[2][kVecs];
+  for (int s = 0; s < 2; ++s)
+    for (int j = 0; j < kVecs; ++j) acc[s][j] = Vec(acc_t(0));
+  // Points two at a time (a runtime index into acc would keep it in memory).
+  int64_t i = 0;
+  for (; i + 1 < count; i += 2) {
+    const Vec w0(weight[i]), w1(weight[i + 1]);
+    const scalar_t* v0 = rows[i] + c;
+    const scalar_t* v1 = rows[i + 1] + c;
+    for (int j = 0; j < kVecs; ++j) {
+      acc[0][j] = at::vec::fmadd(w0, Load::load(v0 + j * Vec::size()), acc[0][j]);
+      acc[1][j] = at::vec::fmadd(w1, Load::load(v1 + j * Vec::size()), acc[1][j]);
+    }
+  }
+  if (i < count) {
+    const Vec w(weight[i]);
+    const scalar_t* v = rows[i] + c;
+    for (int j = 0; j < kVecs; ++j) acc[0][j] = at::vec::fmadd(w, Load::load(v + j * Vec::size()), acc[0][j]);
+  }
+  alignas(64) acc_t buffer[kVecs * Vec::size()];
+  for (int j = 0; j < kVecs; ++j) (acc[0][j] + acc[1][j]).store(buffer + j * Vec::size());
+  for (int64_t j = 0; j < kVecs * Vec::size(); ++j) out[c + j] = static_cast<scalar_t>(buffer[j]);
+}
+
+// One item's D output channels: blocks of 4 and 1 vectors, then scalars.
+template <typename scalar_t, typename acc_t>
+inline void gather_item(const acc_t* weight, const scalar_t* const* rows, int64_t count, int64_t D, scalar_t* out) {
+  using Vec = typename VecLoad<scalar_t>::Vec;
+  int64_t c = 0;
+  for (; c + 4 * Vec::size() <= D; c += 4 * Vec::size()) gather_channels<4>(weight, rows, count, c, out);
+  for (; c + Vec::size() <= D; c += Vec::size()) gather_channels<1>(weight, rows, count, c, out);
+  for (; c < D; ++c) {
+    acc_t total = 0;
+    for (int64_t i = 0; i < count; ++i) total += weight[i] * static_cast<acc_t>(rows[i][c]);
+    out[c] = static_cast<scalar_t>(total);
+  }
+}
+
+// Items computed this many ahead of the one being summed, their rows
+// prefetched meanwhile (the forward waits on scattered rows of value; as in
+// forward_kernel.h's pipeline).
+constexpr int64_t kDiscreteAhead = 2;
+
+template <typename scalar_t, typename loc_t>
+void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn,
+                      scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const Problem& p = layout.p;
+  const int64_t points = p.L, row_stride = p.M * p.D;
+  const DiscretePoints<loc_t> table(layout);
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points * p.D));
+  const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
+  at::parallel_for(0, p.N * p.Lq * p.M, grain, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for NaN points
+    // A ring of kDiscreteAhead + 1 items' rows and weights.
+    std::vector<const scalar_t*> rows((kDiscreteAhead + 1) * points);
+    std::vector<acc_t> weight((kDiscreteAhead + 1) * points);
+    auto compute = [&](int64_t item) {
+      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
+      const int64_t m = item % p.M, n = item / p.M / p.Lq;
+      const scalar_t* head = value + n * p.S * row_stride + m * p.D;
+      for (int64_t i = 0; i < points; ++i) {
+        const int64_t r = table.row(i, loc + 2 * item * points);
+        // A NaN point gets weight 0 and the zero row, so even a NaN or inf
+        // attention weight contributes exactly zero.
+        rows[slot + i] = r < 0 ? zeros.data() : head + r * row_stride;
+        weight[slot + i] = r < 0 ? acc_t(0) : attn[item * points + i];
+        prefetch_range(rows[slot + i], prefetch_bytes);
+      }
+    };
+    for (int64_t item = begin; item < std::min(end, begin + kDiscreteAhead); ++item) compute(item);
+    for (int64_t item = begin; item < end; ++item) {
+      if (item + kDiscreteAhead < end) compute(item + kDiscreteAhead);
+      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
+      gather_item(weight.data() + slot, rows.data() + slot, points, p.D, out + item * p.D);
+    }
+  });
+}
+
+// grad[c] += a * go[c] over `width` channels; returns sum_c go[c] * v[c].
+template <typename scalar_t, typename acc_t>
+inline acc_t scatter_and_dot_row(const scalar_t* v, acc_t* grad, const acc_t* go, acc_t a, int64_t width) {
+  using Load = VecLoad<scalar_t>;
+  using Vec = typename Load::Vec;
+  const Vec av(a);
+  Vec d(acc_t(0));
+  int64_t c = 0;
+  for (; c + Vec::size() <= width; c += Vec::size()) {
+    const Vec gov = Vec::loadu(go + c);
+    d = at::vec::fmadd(gov, Load::load(v + c), d);
+    at::vec::fmadd(av, gov, Vec::loadu(grad + c)).store(grad + c);
+  }
+  acc_t dot = lane_sum<Vec, acc_t>(d);
+  for (; c < width; ++c) {
+    dot += go[c] * static_cast<acc_t>(v[c]);
+    grad[c] += a * go[c];
+  }
+  return dot;
+}
+
+// grad_attn[idx] = the sum over channel blocks of their partial sums, in block order.
+template <typename acc_t>
+__attribute__((noinline)) void sum_block_partials(int64_t begin, int64_t end, const acc_t* partial, int64_t count,
+                                                  int64_t all_points, acc_t* grad_attn) {
+  for (int64_t idx = begin; idx < end; ++idx) {
+    acc_t total = 0;
+    for (int64_t b = 0; b < count; ++b) total += partial[b * all_points + idx];
+    grad_attn[idx] = total;
+  }
+}
+
+// Tasks [begin, end) of discrete_backward. A named function called from the
+// parallel region, not inlined into it: the OpenMP outlined function then
+// holds no vector code of this capability (tests/test_cpu_dispatch.py checks
+// that AVX-512 code is reachable only from the AVX-512 path).
+template <typename scalar_t, typename loc_t>
+__attribute__((noinline)) void discrete_backward_tasks(
+    int64_t begin, int64_t end, const Layout& layout, const DiscretePoints<loc_t>& table, const ChannelBlocks& blocks,
+    const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn, const acc_type<scalar_t>* grad_out,
+    acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_attn, acc_type<scalar_t>* partial) {
+  using acc_t = acc_type<scalar_t>;
+  const Problem& p = layout.p;
+  const int64_t points = p.L, row_stride = p.M * p.D;
+  const int64_t all_points = p.N * p.Lq * p.M * points;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task % blocks.count;
+      const int64_t m = task / blocks.count % p.M, n = task / blocks.count / p.M;
+      const int64_t c0 = block * blocks.width, width = std::min(blocks.width, p.D - c0);
+      const int64_t head = n * p.S * row_stride + m * p.D + c0;
+      acc_t* g_attn = blocks.count > 1 ? partial + block * all_points : grad_attn;
+      for (int64_t q = 0; q < p.Lq; ++q) {
+        const int64_t item = (n * p.Lq + q) * p.M + m;
+        const acc_t* go = grad_out + item * p.D + c0;
+        for (int64_t i = 0; i < points; ++i) {
+          const int64_t idx = item * points + i;
+          const int64_t r = table.row(i, loc + 2 * item * points);
+          g_attn[idx] = r < 0 ? acc_t(0)
+                              : scatter_and_dot_row(value + head + r * row_stride, grad_value + head + r * row_stride,
+                                                    go, attn[idx], width);
+        }
+      }
+    }
+}
+
+// grad_value must be zeroed by the caller; grad_attn is written whole.
+template <typename scalar_t, typename loc_t>
+void discrete_backward(const Layout& layout, const scalar_t* value, const loc_t* loc, const acc_type<scalar_t>* attn,
+                       const acc_type<scalar_t>* grad_out, acc_type<scalar_t>* grad_value,
+                       acc_type<scalar_t>* grad_attn) {
+  using acc_t = acc_type<scalar_t>;
+  const Problem& p = layout.p;
+  const int64_t points = p.L;
+  const int64_t all_points = p.N * p.Lq * p.M * points;
+  const DiscretePoints<loc_t> table(layout);
+  const ChannelBlocks blocks = channel_blocks(p.D, p.N * p.M);
+  // With several channel blocks each writes its partial weight gradients.
+  std::vector<acc_t> partial(blocks.count > 1 ? blocks.count * all_points : 0);
+  at::parallel_for(0, p.N * p.M * blocks.count, 1, [&](int64_t begin, int64_t end) {
+    discrete_backward_tasks<scalar_t, loc_t>(begin, end, layout, table, blocks, value, loc, attn, grad_out, grad_value,
+                                             grad_attn, partial.data());
+  });
+  if (blocks.count > 1) {
+    at::parallel_for(0, all_points, 4096, [&](int64_t begin, int64_t end) {
+      sum_block_partials(begin, end, partial.data(), blocks.count, all_points, grad_attn);
+    });
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace msda::cpu

@@ -1,0 +1,246 @@
+"""Export a Deformable DETR checkpoint for deployment, and run the exported file.
+
+    python -m examples.deformable_detr.export CHECKPOINT --format onnx [--tensorrt] [--output model.onnx]
+    python -m examples.deformable_detr.export CHECKPOINT --format aoti [--output model.pt2]
+    python -m examples.deformable_detr.predict model.onnx IMAGES --backend onnxruntime
+
+The exported model takes ``images`` (B, 3, H, W) float32 (normalised as api.preprocess does) and
+``mask`` (B, H, W) bool (True at padding), and returns the last decoder layer's ``pred_logits``
+(B, Q, C) and ``pred_boxes`` (B, Q, 4); batch, height and width are dynamic (65 to 4096 pixels:
+the coarsest level must be at least 2 pixels). The ONNX file comes from ``torch.onnx.export(...,
+dynamo=True)``, in which msda's op becomes standard ONNX operators (msda.onnx), or with
+``--tensorrt`` TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` node (runs in TensorRT with its
+plugin library, not in onnxruntime). The AOTInductor package calls msda's kernel: the process
+that loads it must have msda's ops registered (``import msda`` in Python).
+
+After exporting, the file is run on random images at two sizes and compared with eager PyTorch
+(raw logits and boxes); the differences are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+import msda.onnx
+
+from .api import Detector
+from .checkpoint import CheckpointError, config_from_checkpoint, load_weights, read_checkpoint
+from .coco_names import COCO_NAMES
+from .deformable_detr import DeformableDETR, build_model
+
+__all__ = [
+    "RawOutputs",
+    "export_onnx",
+    "export_aoti",
+    "load_exported",
+    "exported_detector",
+    "compare_with_eager",
+    "BACKENDS",
+]
+
+BACKENDS = ("onnxruntime", "aoti")
+INPUT_NAMES = ["images", "mask"]
+OUTPUT_NAMES = ["pred_logits", "pred_boxes"]
+MIN_SIDE, MAX_SIDE = 65, 4096  # the stride-64 level must have 2 or more pixels
+
+
+class RawOutputs(nn.Module):
+    """The detector with tensor outputs only: (images, mask) -> (pred_logits, pred_boxes)."""
+
+    def __init__(self, model: DeformableDETR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(images, mask)
+        return out["pred_logits"], out["pred_boxes"]
+
+
+def example_inputs(height: int, width: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and a mask with padding on the last image (batch >= 2 so that torch.export
+    does not fix the batch size to 1)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    mask[-1, height - height // 4 :, :] = True
+    mask[-1, :, width - width // 5 :] = True
+    images[mask.unsqueeze(1).expand_as(images)] = 0.0
+    return images, mask
+
+
+def _dynamic_shapes() -> tuple[dict[int, Any], dict[int, Any]]:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    return {0: batch, 2: height, 3: width}, {0: batch, 1: height, 2: width}
+
+
+def _check_size(height: int, width: int) -> None:
+    for name, side in (("height", height), ("width", width)):
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise ValueError(f"example {name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {side}")
+
+
+def export_onnx(
+    model: DeformableDETR, path: str, height: int = 800, width: int = 1333, tensorrt: bool = False
+) -> None:
+    """Write ``model`` as ONNX (dynamo exporter, dynamic batch and image size) to ``path``."""
+    _check_size(height, width)
+    wrapped = RawOutputs(model).eval()
+    args = example_inputs(height, width)
+    kwargs: dict[str, Any] = dict(
+        dynamo=True, dynamic_shapes=_dynamic_shapes(), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES
+    )
+    with torch.no_grad(), (msda.onnx.tensorrt_plugin() if tensorrt else contextlib.nullcontext()):
+        torch.onnx.export(wrapped, args, path, **kwargs)
+
+
+def export_aoti(model: DeformableDETR, path: str, height: int = 800, width: int = 1333) -> str:
+    """Compile ``model`` with AOTInductor into the package ``path`` (dynamic batch and image size)."""
+    _check_size(height, width)
+    wrapped = RawOutputs(model).eval()
+    with torch.no_grad():
+        program = torch.export.export(wrapped, example_inputs(height, width), dynamic_shapes=_dynamic_shapes())
+        num_classes = str(model.config.num_classes)
+        return torch._inductor.aoti_compile_and_package(
+            program, package_path=path, inductor_configs={"aot_inductor.metadata": {"num_classes": num_classes}}
+        )
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported ONNX detector run by onnxruntime, called like DeformableDETR (dict output)."""
+
+    def __init__(self, path: str, threads: Optional[int] = None) -> None:
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.num_classes = int(self.session.get_outputs()[0].shape[-1])
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        feeds = {"images": images.detach().cpu().float().numpy(), "mask": mask.detach().cpu().numpy()}
+        logits, boxes = self.session.run(OUTPUT_NAMES, feeds)
+        return {"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(boxes)}
+
+
+class AOTIModel(nn.Module):
+    """An AOTInductor package of the detector, called like DeformableDETR (dict output)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.runner = torch._inductor.aoti_load_package(path)
+        self.num_classes = int(self.runner.get_metadata()["num_classes"])
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, boxes = self.runner(images.float().contiguous(), mask.contiguous())
+        return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def load_exported(path: str, backend: str) -> nn.Module:
+    """The exported detector in ``path`` as a module returning {"pred_logits", "pred_boxes"}."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model not found: {path}")
+    return OnnxRuntimeModel(path) if backend == "onnxruntime" else AOTIModel(path)
+
+
+def exported_detector(
+    path: str, backend: str, variant: Optional[str] = None, autocast: Optional[str] = None, **kwargs: Any
+) -> Detector:
+    """A Detector (preprocessing, post-processing, class names) around an exported file.
+
+    Same keywords as ``Detector.from_checkpoint``; ``variant`` is not checked (the file has no
+    weights to read it from) and ``autocast`` is refused (the file's dtype is fixed at export)."""
+    if autocast is not None:
+        raise ValueError(f"autocast applies to PyTorch checkpoints only, not to an exported {backend} file")
+    del variant
+    model = load_exported(path, backend)
+    if model.num_classes != len(COCO_NAMES) and "class_names" not in kwargs:
+        kwargs["class_names"] = [str(i) for i in range(model.num_classes)]
+    kwargs.setdefault("device", "cpu")
+    if kwargs["device"] not in ("cpu", "auto"):
+        raise ValueError(f"exported backends run on the CPU here, got device {kwargs['device']!r}")
+    kwargs["device"] = "cpu"
+    return Detector(model, **kwargs)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def compare_with_eager(
+    model: DeformableDETR, exported: nn.Module, images: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """Largest absolute differences of the raw per-query outputs, exported vs eager."""
+    want = model.eval()(images, mask)
+    got = exported(images, mask)
+    return {key: (got[key].float() - want[key].float()).abs().max().item() for key in OUTPUT_NAMES}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m examples.deformable_detr.export", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="checkpoint file (original Deformable DETR format: a dict with 'model')")
+    p.add_argument("--format", choices=("onnx", "aoti"), required=True, help="ONNX file or AOTInductor package")
+    p.add_argument("--tensorrt", action="store_true", help="ONNX with TensorRT's plugin node (not runnable in onnxruntime)")
+    p.add_argument("--output", help="output path (default: the checkpoint's name with .onnx or .pt2)")
+    p.add_argument("--height", type=int, default=800, help="example image height for tracing (default: %(default)s)")
+    p.add_argument("--width", type=int, default=1333, help="example image width for tracing (default: %(default)s)")
+    p.add_argument("--no-check", action="store_true", help="skip running the exported file against eager PyTorch")
+    args = p.parse_args(argv)
+    if args.tensorrt and args.format != "onnx":
+        p.error("--tensorrt needs --format onnx")
+    return args
+
+
+def _check_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    # the export size and a smaller one of another aspect ratio (the file must not be fixed to one size)
+    return [(height, width), (max(MIN_SIDE, height * 3 // 4), max(MIN_SIDE, width // 2))]
+
+
+def run(args: argparse.Namespace) -> str:
+    ckpt = read_checkpoint(args.checkpoint)
+    model = build_model(config_from_checkpoint(ckpt))
+    load_weights(model, ckpt, source=args.checkpoint)
+    model.eval()
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
+    output = args.output or os.path.splitext(args.checkpoint)[0] + ("_tensorrt" if args.tensorrt else "") + suffix
+    start = time.perf_counter()
+    if args.format == "onnx":
+        export_onnx(model, output, args.height, args.width, tensorrt=args.tensorrt)
+    else:
+        export_aoti(model, output, args.height, args.width)
+    print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
+    if args.tensorrt:
+        import onnx
+
+        onnx.checker.check_model(output, full_check=True)
+        print(f"onnx checker: ok (TensorRT node {msda.onnx.TENSORRT_OP}; not run here: needs TensorRT)")
+    elif not args.no_check:
+        exported = load_exported(output, "onnxruntime" if args.format == "onnx" else "aoti")
+        for height, width in _check_sizes(args.height, args.width):
+            diffs = compare_with_eager(model, exported, *example_inputs(height, width))
+            print(f"  {height}x{width}: max |exported - eager|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    return output
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

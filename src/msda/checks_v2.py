@@ -1,0 +1,106 @@
+"""Checks of the v2 op's arguments (points per level, method), shared by the
+public op, its fake kernel and its reference.
+
+Metadata only, so safe inside ``torch.compile(fullgraph=True)``. The
+v2-specific parts are checked here; value, the level tables, dtypes and
+devices by v1's :func:`check_inputs`, on views of the locations and weights
+with a level dimension added (the C++ side, csrc/v2_checks.h, does the same
+with the same wording).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .checks import check_inputs
+
+__all__ = ["METHODS", "check_inputs_v2", "check_points_per_level"]
+
+METHODS = ("default", "discrete")
+
+
+def check_points_per_level(points_per_level: Sequence[int]) -> list[int]:
+    """points_per_level as a list of ints >= 0 (``ValueError``/``TypeError`` otherwise)."""
+    if isinstance(points_per_level, torch.Tensor) or not isinstance(points_per_level, Sequence):
+        raise TypeError(
+            f"points_per_level must be a list or tuple of ints, got {type(points_per_level).__name__}"
+        )
+    points = []
+    for level, count in enumerate(points_per_level):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"points_per_level must hold ints, got {type(count).__name__} at level {level}")
+        if count < 0:
+            raise ValueError(f"points_per_level must have entries >= 0, got {count} at level {level}")
+        points.append(count)
+    return points
+
+
+def _with_levels(t: torch.Tensor, levels: int) -> torch.Tensor:
+    sizes = list(t.shape)
+    sizes.insert(3, levels)
+    return t.unsqueeze(3).expand(sizes)
+
+
+def check_inputs_v2(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    points_per_level: Sequence[int],
+    method: str,
+) -> list[int]:
+    """Raise naming the argument, the expectation and the actual input; return the points per level."""
+    if method not in METHODS:
+        raise ValueError(f'method must be "default" or "discrete", got {method!r}')
+    points = check_points_per_level(points_per_level)
+    names = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, arg in zip(names, args):
+        if not isinstance(arg, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(arg).__name__}")
+    if sampling_locations.dim() != 5:
+        raise ValueError(
+            "sampling_locations must have shape (N, Lq, M, sum(points_per_level), 2) (5 dimensions), "
+            f"got {tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.dim() != 4:
+        raise ValueError(
+            "attention_weights must have shape (N, Lq, M, sum(points_per_level)) (4 dimensions), "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    total = sum(points)
+    if spatial_shapes.dim() == 2 and len(points) != spatial_shapes.shape[0]:
+        raise ValueError(
+            f"points_per_level must have one entry per level (L = {spatial_shapes.shape[0]}), "
+            f"got {len(points)} entries"
+        )
+    if sampling_locations.shape[3] != total:
+        raise ValueError(
+            f"points_per_level must sum to the point dimension of sampling_locations "
+            f"({sampling_locations.shape[3]}), got sum {total}"
+        )
+    if value.dim() == 4:
+        N, _, M, _ = value.shape
+        Lq = sampling_locations.shape[1]
+        if tuple(sampling_locations.shape) != (N, Lq, M, total, 2):
+            raise ValueError(
+                f"sampling_locations must have shape (N, Lq, M, sum(points_per_level), 2) = "
+                f"{(N, Lq, M, total, 2)}, got {tuple(sampling_locations.shape)}"
+            )
+        if tuple(attention_weights.shape) != (N, Lq, M, total):
+            raise ValueError(
+                f"attention_weights must have shape (N, Lq, M, sum(points_per_level)) = "
+                f"{(N, Lq, M, total)}, got {tuple(attention_weights.shape)}"
+            )
+    levels = spatial_shapes.shape[0] if spatial_shapes.dim() == 2 else 1
+    check_inputs(
+        value,
+        spatial_shapes,
+        level_start_index,
+        _with_levels(sampling_locations, levels),
+        _with_levels(attention_weights, levels),
+    )
+    return points

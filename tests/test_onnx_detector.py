@@ -1,0 +1,101 @@
+"""The example detector (tiny config) exported to ONNX and run in onnxruntime.
+
+One export through the command line (``python -m examples.deformable_detr.export``), then:
+raw per-query logits and boxes against eager PyTorch within 1e-4 at other batch and image
+sizes, the post-processed detections, and ``predict --backend onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+
+from examples.deformable_detr import export as export_cli  # noqa: E402
+from examples.deformable_detr import predict as predict_cli  # noqa: E402
+from examples.deformable_detr.api import Detector  # noqa: E402
+from examples.deformable_detr.checkpoint import save_checkpoint  # noqa: E402
+from examples.deformable_detr.configs import tiny_config  # noqa: E402
+from examples.deformable_detr.deformable_detr import build_model  # noqa: E402
+
+ATOL = 1e-4
+PREDICT_SIZE = dict(short_side=96, max_size=160)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(eager model, checkpoint path, ONNX path)."""
+    directory = tmp_path_factory.mktemp("detector")
+    torch.manual_seed(0)
+    model = build_model(tiny_config("base", enc_layers=1, dec_layers=1)).eval()
+    with torch.no_grad():  # move off the initialisation so boxes and classes differ between queries
+        for p in model.transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    checkpoint = str(directory / "tiny.pth")
+    save_checkpoint(checkpoint, model)
+    onnx_path = str(directory / "tiny.onnx")
+    status = export_cli.main([checkpoint, "--format", "onnx", "--output", onnx_path, "--height", "96", "--width", "128"])
+    assert status == 0
+    return model, checkpoint, onnx_path
+
+
+def images(seed: int) -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(120, 90), (70, 130)]  # (width, height): different aspect ratios, so the batch is padded
+    return [
+        Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy())
+        for w, h in sizes
+    ]
+
+
+@pytest.mark.parametrize("batch,height,width", [(1, 96, 128), (2, 80, 144), (3, 130, 70)])
+def test_raw_outputs_match_eager(exported, batch, height, width):
+    model, _, onnx_path = exported
+    runner = export_cli.load_exported(onnx_path, "onnxruntime")
+    diffs = export_cli.compare_with_eager(model, runner, *export_cli.example_inputs(height, width, batch))
+    assert max(diffs.values()) <= ATOL, diffs
+
+
+def test_detections_match_eager(exported):
+    model, _, onnx_path = exported
+    eager = Detector(model, **PREDICT_SIZE)
+    onnx_detector = export_cli.exported_detector(onnx_path, "onnxruntime", **PREDICT_SIZE)
+    want = eager.predict(images(1), threshold=0.0)
+    got = onnx_detector.predict(images(1), threshold=0.0)
+    for g, w in zip(got, want):
+        # scores and boxes per rank; near-ties may swap ranks, so compare the sorted scores and
+        # each detection's box by (label, score) match only where scores are clearly apart
+        torch.testing.assert_close(g["scores"], w["scores"], atol=ATOL, rtol=0)
+        apart = torch.ones_like(w["scores"], dtype=torch.bool)
+        apart[1:] &= (w["scores"][:-1] - w["scores"][1:]) > 10 * ATOL
+        apart[:-1] &= (w["scores"][:-1] - w["scores"][1:]) > 10 * ATOL
+        assert torch.equal(g["labels"][apart], w["labels"][apart])
+        torch.testing.assert_close(g["boxes"][apart], w["boxes"][apart], atol=1e-2, rtol=1e-4)  # pixels
+
+
+def test_predict_command_with_onnxruntime(exported, tmp_path):
+    model, checkpoint, onnx_path = exported
+    paths = []
+    for i, image in enumerate(images(2)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        image.save(paths[-1])
+    size = ["--short-side", "96", "--max-size", "160", "--threshold", "0.0"]
+    assert predict_cli.main([onnx_path, *paths, "--backend", "onnxruntime", "--output-dir", str(tmp_path / "onnx"), *size]) == 0
+    assert predict_cli.main([checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *size]) == 0
+    for i in range(len(paths)):
+        got = json.loads((tmp_path / "onnx" / f"img{i}.json").read_text())["detections"]
+        want = json.loads((tmp_path / "torch" / f"img{i}.json").read_text())["detections"]
+        assert len(got) == len(want) > 0
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=ATOL)
+
+
+def test_predict_refuses_autocast_with_exported_file(exported, tmp_path, capsys):
+    _, _, onnx_path = exported
+    path = str(tmp_path / "img.png")
+    images(3)[0].save(path)
+    status = predict_cli.main([onnx_path, path, "--backend", "onnxruntime", "--autocast", "float16", "--output-dir", str(tmp_path)])
+    assert status == 2 and "autocast" in capsys.readouterr().err
