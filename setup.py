@@ -1,4 +1,10 @@
-"""Build script for msda's compiled extension ``msda._C``.
+"""Build script for msda's compiled library ``msda/libmsda.so``.
+
+The library holds the ops (schemas, CPU and CUDA kernels, the runtime CPU
+dispatch) and no Python: it is built with ``py_limited_api=True``, which keeps
+torch's helpers from linking libtorch_python, and has no Python C API in it,
+so a C++ program (an AOTInductor package's runner) loads the same file as
+Python, which loads it through ``msda/_C.py``.
 
 The extension is compiled against the torch that is installed, so build with
 ``pip install --no-build-isolation .`` (an isolated build would fetch some
@@ -132,6 +138,7 @@ def _torch_bundled_cuda_includes(torch) -> list[str]:
 # capability first: of the inline functions from other libraries' headers
 # that several variants instantiate, the linker keeps the first copy, so the
 # copy the lower paths call is never one compiled with AVX-512.
+LIBRARY_NAME = "msda.libmsda"
 CAPABILITY_SOURCES = sorted(glob.glob("csrc/cpu/capability/*.cpp"))
 X86_CAPABILITY_FLAGS = {
     "DEFAULT": [],
@@ -164,6 +171,14 @@ def _capability_build_ext(base, capabilities: list[str]):
     class CapabilityBuildExt(base):
         """Compiles CAPABILITY_SOURCES once per capability into their own
         build folders and links the objects after the common ones."""
+
+        def get_ext_filename(self, fullname: str) -> str:
+            # A plain shared library, not a Python module: no ABI tag in its name.
+            # setuptools asks with the full name and with its last part only.
+            filename = super().get_ext_filename(fullname)
+            if fullname.split(".")[-1] == LIBRARY_NAME.split(".")[-1]:
+                return os.path.join(os.path.dirname(filename), "libmsda.so")
+            return filename
 
         def build_extension(self, ext):
             def compile_variant(name: str) -> list[str]:
@@ -239,24 +254,30 @@ def _extensions():
         nvcc_flags += ["--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v", "-Xcompiler=-fvisibility=hidden"]
         define_macros.append(("MSDA_WITH_CUDA", "1"))
         ext = cpp_extension.CUDAExtension(
-            "msda._C",
+            LIBRARY_NAME,
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=extra_link_args,
+            py_limited_api=True,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "msda._C",
+            LIBRARY_NAME,
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link_args,
+            py_limited_api=True,
         )
     # setuptools relinks only when a source or one of these is newer than the library.
     ext.depends = CAPABILITY_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True))
+    # Before the library, msda._C was a Python extension module; a stale one
+    # left in an in-place build would shadow msda/_C.py.
+    for stale in glob.glob(os.path.join(ROOT, "src", "msda", "_C.*.so")):
+        os.remove(stale)
     _write_build_info(torch, with_cuda, cuda_archs, [name.lower() for name in capabilities])
     build_ext = _capability_build_ext(cpp_extension.BuildExtension, capabilities).with_options(use_ninja=True)
     version, requires = _built_for(torch, with_cuda)

@@ -50,7 +50,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/msda-sanitize.XXXXXX")"
 # MSDA_SANITIZE_KEEP=1 keeps the build directory (to look into a report).
 [ -n "${MSDA_SANITIZE_KEEP:-}" ] && echo "=== sanitize: keeping $work" || trap 'rm -rf "$work"' EXIT
 cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/src" "$ROOT/csrc" "$work/"
-rm -f "$work"/src/msda/_C*.so "$work/src/msda/_build_info.py"
+rm -f "$work"/src/msda/_C*.so "$work"/src/msda/libmsda.so "$work/src/msda/_build_info.py"
 
 echo "=== sanitize: building the CPU extension with $SANITIZE"
 t0=$(date +%s)
@@ -66,7 +66,7 @@ best="$("$PYTHON" -c 'import msda._C as c; print(c.cpu_capabilities_allowed()[0]
 }
 echo "=== sanitize: built in $(( $(date +%s) - t0 )) s"
 # The runtimes must be linked in (UBSan's is not preloaded).
-linked="$(ldd "$work"/src/msda/_C*.so)"
+linked="$(ldd "$work"/src/msda/libmsda.so)"
 for runtime in libasan libubsan; do
   grep -q "$runtime" <<<"$linked" || { echo "sanitize: the build does not link $runtime" >&2; exit 1; }
 done
@@ -89,7 +89,7 @@ run_sanitized() {
 }
 
 # The sanitized library must be the one the tests load.
-got="$(run_sanitized -c "import msda._C as c; print(c.__file__)")"
+got="$(run_sanitized -c "import msda._C as c; print(c.LIBRARY)")"
 case "$got" in
   "$work"/*) ;;
   *) echo "sanitize: the tests would load $got, not the sanitized build" >&2; exit 1 ;;

@@ -1,8 +1,15 @@
-// Schemas of msda's ops. The kernels live in csrc/cpu (CPU) and csrc/cuda
-// (CUDA), each registering itself with TORCH_LIBRARY_IMPL; the fake kernels
-// and the autograd formula are registered from Python (src/msda/ops.py).
-#include <Python.h>
+// Schemas of msda's ops, and the C functions that report the CPU dispatch.
+// The kernels live in csrc/cpu (CPU) and csrc/cuda (CUDA), each registering
+// itself with TORCH_LIBRARY_IMPL; the fake kernels and the autograd formula
+// are registered from Python (src/msda/ops.py).
+//
+// This library has no Python in it (no Python.h, no libtorch_python): loading
+// it (dlopen, or torch.ops.load_library) runs the static registrations, so a
+// C++ program that runs an AOTInductor package and the Python package
+// (src/msda/_C.py, through ctypes) load the very same file.
 #include <torch/library.h>
+
+#include <string>
 
 #include "cpu/clock.h"
 #include "cpu/dispatch.h"
@@ -10,58 +17,41 @@
 namespace {
 using msda::cpu::Capability;
 
-// Names of the capabilities, best first, for which `keep` holds.
+// Names of the capabilities, best first, for which `keep` holds, joined by
+// commas (a C string is the simplest thing ctypes reads).
 template <typename Pred>
-PyObject* capability_names(Pred keep) {
-  PyObject* list = PyList_New(0);
-  for (int c = msda::cpu::kCapabilityCount - 1; c >= 0 && list != nullptr; --c) {
+std::string capability_names(Pred keep) {
+  std::string names;
+  for (int c = msda::cpu::kCapabilityCount - 1; c >= 0; --c) {
     if (!keep(static_cast<Capability>(c))) continue;
-    PyObject* name = PyUnicode_FromString(msda::cpu::capability_name(static_cast<Capability>(c)));
-    if (name == nullptr || PyList_Append(list, name) != 0) Py_CLEAR(list);
-    Py_XDECREF(name);
+    if (!names.empty()) names += ",";
+    names += msda::cpu::capability_name(static_cast<Capability>(c));
   }
-  return list;
+  return names;
 }
-
-PyObject* cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(msda::cpu::capability_name(msda::cpu::chosen_capability()));
-}
-PyObject* cpu_capabilities_compiled(PyObject*, PyObject*) { return capability_names(msda::cpu::capability_compiled); }
-PyObject* cpu_capabilities_allowed(PyObject*, PyObject*) {
-  return capability_names(
-      [](Capability c) { return msda::cpu::capability_compiled(c) && msda::cpu::capability_supported(c); });
-}
-PyObject* cpu_capability_refusal(PyObject*, PyObject*) {
-  return PyUnicode_FromString(msda::cpu::refusal_message().c_str());
-}
-
-PyObject* measure_clock_hz(PyObject*, PyObject*) { return PyFloat_FromDouble(msda::cpu::measure_clock_hz()); }
-
-PyMethodDef methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS,
-     "The CPU kernels in use: 'avx512', 'avx2' or 'default' (chosen at import; MSDA_CPU_CAPABILITY)."},
-    {"cpu_capabilities_compiled", cpu_capabilities_compiled, METH_NOARGS,
-     "The CPU capabilities this build carries kernels for, best first."},
-    {"cpu_capabilities_allowed", cpu_capabilities_allowed, METH_NOARGS,
-     "The compiled CPU capabilities this CPU can run, best first (the values MSDA_CPU_CAPABILITY accepts)."},
-    {"cpu_capability_refusal", cpu_capability_refusal, METH_NOARGS,
-     "Why MSDA_CPU_CAPABILITY was not honoured, or '' (msda warns with it at import)."},
-    {"measure_clock_hz", measure_clock_hz, METH_NOARGS,
-     "The core clock in Hz, measured with a dependent add chain (0 if unknown); used by the benchmarks."},
-    {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
-// `import msda._C` loads this library, which runs the static registrations
-// (the schemas below, the kernels of every device and CPU capability); the
-// module itself reports the CPU dispatch and measures the core clock for the
-// benchmarks. The CPU capability is decided here, at import.
+// The returned strings live as long as the library. The CPU capability is
+// decided at the first call of msda_cpu_capability() or of a CPU kernel (not
+// in a static initialiser: the capability sources' registrations, which the
+// decision reads, may run after it).
 extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  msda::cpu::chosen_capability();
-  static struct PyModuleDef module = {
-      PyModuleDef_HEAD_INIT, "_C", "msda's compiled kernels", -1, methods, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+__attribute__((visibility("default"))) const char* msda_cpu_capability() {
+  return msda::cpu::capability_name(msda::cpu::chosen_capability());
 }
+__attribute__((visibility("default"))) const char* msda_cpu_capabilities_compiled() {
+  static const std::string names = capability_names(msda::cpu::capability_compiled);
+  return names.c_str();
+}
+__attribute__((visibility("default"))) const char* msda_cpu_capabilities_allowed() {
+  static const std::string names = capability_names(
+      [](Capability c) { return msda::cpu::capability_compiled(c) && msda::cpu::capability_supported(c); });
+  return names.c_str();
+}
+__attribute__((visibility("default"))) const char* msda_cpu_capability_refusal() {
+  return msda::cpu::refusal_message().c_str();
+}
+__attribute__((visibility("default"))) double msda_measure_clock_hz() { return msda::cpu::measure_clock_hz(); }
 }
 
 TORCH_LIBRARY(msda, m) {

@@ -106,7 +106,7 @@ Choice decide() {
 }
 
 const Choice& choice() {
-  static const Choice c = decide();  // once, at the first use (msda._C's import)
+  static const Choice c = decide();  // once, at the first use (import msda, or the first CPU kernel call)
   return c;
 }
 

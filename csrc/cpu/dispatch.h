@@ -21,7 +21,9 @@
 //   MSDA_REGISTER_CPU_KERNEL(table, fn); the common code (compiled once,
 //   baseline flags) declares the table with MSDA_DECLARE_CPU_KERNEL, defines
 //   it with MSDA_DEFINE_CPU_KERNEL and calls `table.get()(args...)`.
-// * chosen_capability() is decided once, when msda._C is imported: the best
+// * chosen_capability() is decided once, at its first call (import msda, or
+//   a C++ program's first CPU kernel call; never in a static initialiser,
+//   which could run before the registrations it reads): the best
 //   capability that was compiled and that this CPU and its operating system
 //   support, or a lower one asked for with MSDA_CPU_CAPABILITY
 //   (avx512|avx2|default; a value that cannot be honoured is refused with a

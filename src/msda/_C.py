@@ -1,0 +1,67 @@
+"""msda's compiled library, ``msda/libmsda.so``, seen from Python.
+
+The library holds the ops' schemas, the CPU and CUDA kernels and the runtime
+CPU dispatch, and no Python: a C++ program (for example one that runs an
+AOTInductor package) loads the same file (README "C++ deployment").
+Importing this module loads it with ``torch.ops.load_library``, which runs its
+registrations, and reads the CPU dispatch through its C functions (ctypes).
+An ImportError means the library is missing or cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+LIBRARY: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libmsda.so")
+
+if not os.path.exists(LIBRARY):
+    raise ImportError(f"{LIBRARY} does not exist")
+try:
+    torch.ops.load_library(LIBRARY)
+    _lib = ctypes.CDLL(LIBRARY)  # the handle load_library opened, one more reference
+except OSError as exc:
+    raise ImportError(str(exc)) from exc
+
+for _name in ("msda_cpu_capability", "msda_cpu_capabilities_compiled", "msda_cpu_capabilities_allowed",
+              "msda_cpu_capability_refusal"):
+    getattr(_lib, _name).restype = ctypes.c_char_p
+    getattr(_lib, _name).argtypes = []
+_lib.msda_measure_clock_hz.restype = ctypes.c_double
+_lib.msda_measure_clock_hz.argtypes = []
+
+
+def _names(raw: bytes) -> list[str]:
+    return [name for name in raw.decode().split(",") if name]
+
+
+def cpu_capability() -> str:
+    """The CPU kernels in use: 'avx512', 'avx2' or 'default' (MSDA_CPU_CAPABILITY lowers it)."""
+    return _lib.msda_cpu_capability().decode()
+
+
+def cpu_capabilities_compiled() -> list[str]:
+    """The CPU capabilities this build carries kernels for, best first."""
+    return _names(_lib.msda_cpu_capabilities_compiled())
+
+
+def cpu_capabilities_allowed() -> list[str]:
+    """The compiled CPU capabilities this CPU can run, best first (the values MSDA_CPU_CAPABILITY accepts)."""
+    return _names(_lib.msda_cpu_capabilities_allowed())
+
+
+def cpu_capability_refusal() -> str:
+    """Why MSDA_CPU_CAPABILITY was not honoured, or '' (msda warns with it at import)."""
+    return _lib.msda_cpu_capability_refusal().decode()
+
+
+def measure_clock_hz() -> float:
+    """The core clock in Hz, measured with a dependent add chain (0 if unknown); used by the benchmarks."""
+    return float(_lib.msda_measure_clock_hz())
+
+
+# Decide the CPU path now, at import, as msda always has (the library itself
+# decides at the first kernel call when a C++ program loads it).
+cpu_capability()
