@@ -338,13 +338,17 @@ def test_enable_model_switches_stored_function():
     assert not torch.equal(got, want)
 
 
-def test_v2_cases_msda_does_not_compute_keep_transformers_code():
-    # d_fine with a different number of points per level: the original runs, bit for bit.
+@pytest.mark.parametrize("points, method", [([2, 3], "default"), ([3, 3], "discrete"), ([2, 3], "discrete")])
+def test_v2_points_per_level_and_discrete_run_on_msda(points, method):
+    # d_fine with a different number of points per level, or the discrete
+    # method: msda's v2 op computes them, equal to transformers' own code.
     from transformers import DFineConfig
     from transformers.models.d_fine import modeling_d_fine as dfine
 
     torch.manual_seed(0)
-    config = DFineConfig(d_model=32, decoder_attention_heads=2, num_feature_levels=2, decoder_n_points=[2, 3])
+    config = DFineConfig(
+        d_model=32, decoder_attention_heads=2, num_feature_levels=2, decoder_n_points=points, decoder_method=method
+    )
     shapes = [(6, 7), (3, 4)]
     kwargs = dict(
         reference_points=torch.rand(2, 5, 1, 4) * 0.5 + 0.25,
@@ -355,14 +359,23 @@ def test_v2_cases_msda_does_not_compute_keep_transformers_code():
     hidden = torch.randn(2, 5, 32)
     original = dfine.multi_scale_deformable_attention_v2
     before = dfine.DFineMultiscaleDeformableAttention(config).eval()
+    calls = []
     with torch.no_grad():
         want, _ = before(hidden, **kwargs)
         with msda_hf.enable():
             layer = dfine.DFineMultiscaleDeformableAttention(config).eval()
             layer.load_state_dict(before.state_dict())
             assert layer.ms_deformable_attn_core is not original
-            got, _ = layer(hidden, **kwargs)
-    assert torch.equal(got, want)
+            import msda.integrations._hf_forwards as forwards
+
+            real = forwards.ms_deform_attn_v2
+            forwards.ms_deform_attn_v2 = lambda *a: calls.append(a[-2:]) or real(*a)
+            try:
+                got, _ = layer(hidden, **kwargs)
+            finally:
+                forwards.ms_deform_attn_v2 = real
+    assert calls == [(points, method)]  # msda's op ran, with transformers' arguments
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
 def test_compile_fullgraph_of_patched_attention():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import ms_deform_attn
+from ..ops_v2 import ms_deform_attn_v2
 from ._shared import attention_from_shapes, match_dtype, sampling_locations, shapes_and_starts
 
 __all__ = [
@@ -75,13 +76,12 @@ def make_function_v2(
     original: Callable[..., torch.Tensor], active: Callable[[], bool] = lambda: True
 ) -> Callable[..., torch.Tensor]:
     """``multi_scale_deformable_attention_v2`` (rt_detr_v2, d_fine, deimv2) on
-    msda, with the original's signature, where msda computes the same thing:
-    bilinear sampling (method "default") with the same number of points on
-    every level. Otherwise ``original`` runs (the "discrete" method rounds to
-    pixels; msda's op always interpolates), and also whenever ``active()`` is
-    False: modules built while msda was enabled keep this function as an
-    attribute (d_fine, deimv2), and must go back to transformers' code after
-    ``disable()``."""
+    msda's v2 op, with the original's signature: any number of points per
+    level, both methods ("default" bilinear, "discrete" nearest pixel). The
+    equal-points default case runs msda's v1 kernels (the v2 op's own rule).
+    ``original`` runs whenever ``active()`` is False: modules built while msda
+    was enabled keep this function as an attribute (d_fine, deimv2), and must
+    go back to transformers' code after ``disable()``."""
 
     def multi_scale_deformable_attention_v2(
         value: torch.Tensor,
@@ -91,16 +91,19 @@ def make_function_v2(
         num_points_list: list,
         method: str = "default",
     ) -> torch.Tensor:
-        points = [int(p) for p in num_points_list]
-        if not active() or method != "default" or len(set(points)) != 1:
+        if not active():
             return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
-        N, Lq, M = sampling_locations.shape[:3]
-        L, P = len(points), points[0]
         shapes, starts = shapes_and_starts(value, value_spatial_shapes)
-        # v2 lays the points out level-major as (..., L*P): the same order as (L, P).
-        locations = sampling_locations.reshape(N, Lq, M, L, P, 2)
-        weights = attention_weights.reshape(N, Lq, M, L, P)
-        return ms_deform_attn(value, shapes, starts, match_dtype(value, locations), match_dtype(value, weights))
+        # v2 lays the points out level-major as (..., sum P_l): msda's v2 layout.
+        return ms_deform_attn_v2(
+            value,
+            shapes,
+            starts,
+            match_dtype(value, sampling_locations),
+            match_dtype(value, attention_weights),
+            [int(p) for p in num_points_list],
+            method,
+        )
 
     multi_scale_deformable_attention_v2.__wrapped_original__ = original  # type: ignore[attr-defined]
     return multi_scale_deformable_attention_v2
