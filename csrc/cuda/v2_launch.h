@@ -27,7 +27,7 @@ namespace msda {
 namespace cuda_v2_launch {
 
 using cuda_launch::ceil_div;
-using cuda_launch::kMaxGridX;
+using cuda_launch::grid_for;
 
 // The per-point level tables (T, 2) and (T,) as int64, on value's device.
 // The point-to-level map is built on the host and copied (T int64s).
@@ -69,7 +69,7 @@ void launch_discrete_forward(const Problem& p, const at::Tensor& value, const at
                              Stream stream) {
   const int64_t HQ = p.N * p.Lq * p.M;
   const int64_t threads_needed = HQ * (p.D / VEC);
-  const dim3 grid(static_cast<unsigned>(std::min(ceil_div(threads_needed, cuda_kernels::kThreadsPerBlock), kMaxGridX)));
+  const dim3 grid = grid_for(ceil_div(threads_needed, cuda_kernels::kThreadsPerBlock));
   const auto kernel = cuda_kernels::v2_discrete_forward_kernel<scalar_t, acc_t, loc_t, VEC>;
   MSDA_LAUNCH(kernel, grid, dim3(cuda_kernels::kThreadsPerBlock), 0, stream, value.const_data_ptr<scalar_t>(),
               shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), loc.const_data_ptr<loc_t>(),
@@ -82,7 +82,7 @@ void launch_discrete_backward(const Problem& p, const at::Tensor& value, const a
                               const at::Tensor& go, at::Tensor& grad_value, at::Tensor& grad_attn, Stream stream) {
   const int64_t HQ = p.N * p.Lq * p.M;
   const int width = cuda_launch::next_power_of_two(std::min<int64_t>(p.D / VEC, cuda_kernels::kWarpSize));
-  const dim3 grid(static_cast<unsigned>(std::min(ceil_div(HQ * width, cuda_kernels::kThreadsPerBlock), kMaxGridX)));
+  const dim3 grid = grid_for(ceil_div(HQ * width, cuda_kernels::kThreadsPerBlock));
   const auto kernel = cuda_kernels::v2_discrete_backward_kernel<scalar_t, acc_t, loc_t, VEC>;
   MSDA_LAUNCH(kernel, grid, dim3(cuda_kernels::kThreadsPerBlock), 0, stream, value.const_data_ptr<scalar_t>(),
               shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), loc.const_data_ptr<loc_t>(),

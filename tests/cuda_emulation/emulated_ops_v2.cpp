@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <limits>
 #include <string>
@@ -14,7 +15,8 @@
 #include "cuda_emulation.h"
 
 #define MSDA_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
-  ::msda_emu::launch(kernel, grid, block, shared_bytes, __VA_ARGS__)
+  ::msda_emu::with_device_copies([&] { ::msda_emu::launch(kernel, grid, block, shared_bytes, __VA_ARGS__); })
+#define MSDA_GRID_CAP (::msda_emu::g.grid_cap)
 #define MSDA_POISON_OUTPUT(tensor) (tensor).fill_(std::numeric_limits<double>::quiet_NaN())
 
 #include "cuda/v2_launch.h"
@@ -47,4 +49,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "emulated msda::ms_deform_attn_v2_forward (CUDA)");
   m.def("backward", &backward, "emulated msda::ms_deform_attn_v2_backward (CUDA)");
   m.def("set_seed", [](uint64_t seed) { msda_emu::g.seed = seed; }, "seed of the block and thread order");
+  // What tests/cuda_emulation/build.py and the memory checks expect of every emulation module.
+  m.def("set_grid_cap", [](int64_t cap) { msda_emu::g.grid_cap = cap; },
+        "largest grid.x the launch code may use (grid-stride loops do the rest)");
+  m.def("set_shared_layout", &msda_emu::set_shared_layout,
+        "(offset, bytes) of every __shared__ array in the section, for the red-zone checks");
 }
