@@ -92,6 +92,18 @@ inline Problem check_arguments(const at::Tensor& value, const at::Tensor& spatia
   return p;
 }
 
+// grad_output of a backward op (v1 and v2, CPU and CUDA): (N, Lq, M*D),
+// floating point, on value's device.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& p) {
+  const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
+                    shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.is_floating_point(), "grad_output must be a floating-point tensor, got ",
+                    grad_output.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
+                    value.device(), "), got ", grad_output.device());
+}
+
 // Checks that read the (CPU) values of spatial_shapes and level_start_index:
 // every H, W >= 1, sum(H*W) == S, and level_start_index the exclusive cumsum.
 // Overflow-safe by construction: h*w is only formed once h <= (S - total) / w

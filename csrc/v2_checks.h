@@ -75,17 +75,6 @@ inline V2Problem check_arguments_v2(const at::Tensor& value, const at::Tensor& s
   return {p, std::vector<int64_t>(points_per_level.begin(), points_per_level.end())};
 }
 
-// grad_output of the backward: (N, Lq, M*D), floating point, on value's device.
-inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& p) {
-  const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
-                    shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
-  TORCH_CHECK_VALUE(grad_output.is_floating_point(), "grad_output must be a floating-point tensor, got ",
-                    grad_output.scalar_type());
-  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
-                    value.device(), "), got ", grad_output.device());
-}
-
 // The level of each point (points of level 0 first), for per-point level tables.
 inline std::vector<int64_t> level_of_points(const std::vector<int64_t>& points) {
   std::vector<int64_t> levels;

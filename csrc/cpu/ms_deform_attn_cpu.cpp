@@ -56,13 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
                                                              const at::Tensor& grad_output) {
   const KernelInputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Problem& p = in.layout.p;
-  const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
-                    shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
-  TORCH_CHECK_VALUE(grad_output.is_floating_point(), "grad_output must be a floating-point tensor, got ",
-                    grad_output.scalar_type());
-  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
-                    value.device(), "), got ", grad_output.device());
+  check_grad_output(grad_output, value, p);
   const at::Tensor go = grad_output.to(in.acc).contiguous();
   // grad_value accumulates in the accumulation type and is cast at the end
   // (a no-op for float32 and float64).

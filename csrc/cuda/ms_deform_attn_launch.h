@@ -210,11 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& value,
                                                         const at::Tensor& grad_output, Stream stream) {
   const Inputs in = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Problem& p = in.p;
-  const std::vector<int64_t> out_shape{p.N, p.Lq, p.M * p.D};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_shape), "grad_output must have shape (N, Lq, M*D) = ",
-                    shape_str(out_shape), ", got ", shape_str(grad_output.sizes()));
-  TORCH_CHECK_VALUE(grad_output.device() == value.device(), "grad_output must be on the device of value (",
-                    value.device(), "), got ", grad_output.device());
+  check_grad_output(grad_output, value, p);
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const at::ScalarType acc = accumulate_type(value.scalar_type());
   const at::Tensor go = grad_output.to(value.scalar_type()).contiguous();
