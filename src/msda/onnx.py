@@ -32,13 +32,16 @@ gathers whose indices never leave their level.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 __all__ = [
     "decomposed_ms_deform_attn",
+    "exporting",
     "export_form",
+    "export_form_v2",
     "tensorrt_plugin",
     "translation_table",
     "decompose",
@@ -61,6 +64,21 @@ _tensorrt_domain: Optional[str] = None
 def _check_domain(domain: str) -> None:
     if not domain or domain == "ai.onnx":
         raise ValueError(f"domain must be a custom ONNX domain (onnx's checker rejects unknown ops in {domain!r})")
+
+
+@torch.compiler.assume_constant_result
+def exporting() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, also as seen by Dynamo.
+
+    The dynamo exporter captures the model with ``torch.export`` (non-strict),
+    and when that fails retries with Dynamo (strict), which folds
+    ``is_in_onnx_export()`` to False: the retry would capture msda's kernel
+    call, which ONNX cannot express, and the user would get the exporter's
+    "No ONNX function found for msda..." instead of the first attempt's error.
+    Evaluated at trace time (assume_constant_result), the retry takes the same
+    export path as the first attempt: the decomposition, or msda's own error.
+    """
+    return torch.onnx.is_in_onnx_export()
 
 
 @contextlib.contextmanager
@@ -108,6 +126,38 @@ def export_form(
     return decomposed_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
+def export_form_v2(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    points_per_level: Sequence[int],
+    method: str,
+) -> torch.Tensor:
+    """What :func:`msda.ms_deform_attn_v2` computes while ``torch.onnx.export`` runs
+    with unequal points per level or the discrete method (equal points with the
+    default method take v1's op, hence :func:`export_form`): the decomposition,
+    or under :func:`tensorrt_plugin` an error, as TensorRT's plugin cannot express them."""
+    _register_torchscript_symbolics()
+    if _tensorrt_domain is not None:
+        raise ValueError(_tensorrt_v2_error(list(points_per_level), method))
+    from ._onnx_v2 import decomposed_ms_deform_attn_v2
+
+    return decomposed_ms_deform_attn_v2(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points_per_level, method
+    )
+
+
+def _tensorrt_v2_error(points_per_level: list[int], method: str) -> str:
+    return (
+        f"msda.onnx.tensorrt_plugin: TensorRT's {TENSORRT_OP} takes the same number of points on every level "
+        f"(> 0) and bilinear sampling; msda.ms_deform_attn_v2 was called with points_per_level={points_per_level} "
+        f"and method={method!r}. Pad every level to max(points_per_level) points with zero attention weights "
+        f"and use method='default', or export without tensorrt_plugin() (the decomposed form runs in onnxruntime)"
+    )
+
+
 def decomposed_ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -127,47 +177,91 @@ def decomposed_ms_deform_attn(
     weighted by (bilinear weight) x (attention weight), and summed with one
     batched MatMul over the 4*P corners of a head.
     """
-    N, S, M, D = value.shape
-    Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    compute = torch.float64 if value.dtype == torch.float64 else torch.float32
-    rows = value.to(compute).reshape(N * S * M, D)
-    locations = sampling_locations.to(compute)
-    weights = attention_weights.to(compute)
-    shapes = spatial_shapes.to(torch.int64)
-    starts = level_start_index.to(torch.int64)
-    batch_row = (torch.arange(N, device=value.device) * S).view(N, 1, 1, 1, 1)
-    head = torch.arange(M, device=value.device).view(1, 1, M, 1, 1)
-
+    L = sampling_locations.shape[3]
+    rows, locations, weights, shapes, starts, layout = _prepare(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
     out = None
     for level in range(L):
-        h_int, w_int = shapes[level, 0], shapes[level, 1]
-        h, w = h_int.to(compute), w_int.to(compute)
-        # pixel coordinates, grid_sample's align_corners=False convention
-        x = locations[:, :, :, level, :, 0] * w - 0.5  # (N, Lq, M, P)
-        y = locations[:, :, :, level, :, 1] * h - 0.5
-        # NaN fails every comparison, so non-finite and far locations are all "outside"
-        inside = (x > -1) & (x < w) & (y > -1) & (y < h)
-        x = torch.where(inside, x, torch.zeros_like(x))  # keeps floor/int casts finite
-        y = torch.where(inside, y, torch.zeros_like(y))
-        weight = torch.where(inside, weights[:, :, :, level], torch.zeros_like(x))
-        x0, y0 = x.floor(), y.floor()
-        fx, fy = x - x0, y - y0
-        gx, gy = 1 - fx, 1 - fy
-        # the four corners (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1): (N, Lq, M, P, 4)
-        cx = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
-        cy = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
-        bilinear = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], dim=-1)
-        in_map = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
-        corner_weight = torch.where(in_map, bilinear * weight.unsqueeze(-1), torch.zeros_like(bilinear))
-        # corners off the map read row start_l (weight 0) so no index leaves the level
-        cx = torch.where(in_map, cx, torch.zeros_like(cx)).to(torch.int64)
-        cy = torch.where(in_map, cy, torch.zeros_like(cy)).to(torch.int64)
-        index = (batch_row + starts[level] + cy * w_int + cx) * M + head  # (N, Lq, M, P, 4)
-        sampled = rows[index.reshape(-1)].reshape(N, Lq, M, P * 4, D)
-        part = torch.matmul(corner_weight.reshape(N, Lq, M, 1, P * 4), sampled)  # (N, Lq, M, 1, D)
+        part = bilinear_level(
+            rows, locations[:, :, :, level], weights[:, :, :, level], shapes[level], starts[level], layout
+        )
         out = part if out is None else out + part
     assert out is not None  # L >= 1 (check_inputs)
-    return out.reshape(N, Lq, M * D).to(value.dtype)
+    N, _, M, D = value.shape
+    return out.reshape(N, sampling_locations.shape[1], M * D).to(value.dtype)
+
+
+class _Layout:
+    """Index helpers shared by every level: value's rows are (n*S + s)*M + m."""
+
+    def __init__(self, value: torch.Tensor, compute: torch.dtype) -> None:
+        N, S, M, _ = value.shape
+        self.compute = compute
+        self.batch_row = (torch.arange(N, device=value.device) * S).view(N, 1, 1, 1, 1)
+        self.head = torch.arange(M, device=value.device).view(1, 1, M, 1, 1)
+        self.M = M
+
+
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """value as rows (N*S*M, D) and the other inputs in the compute dtype / int64."""
+    N, S, M, D = value.shape
+    compute = torch.float64 if value.dtype == torch.float64 else torch.float32
+    rows = value.to(compute).reshape(N * S * M, D)
+    layout = _Layout(value, compute)
+    return (
+        rows,
+        sampling_locations.to(compute),
+        attention_weights.to(compute),
+        spatial_shapes.to(torch.int64),
+        level_start_index.to(torch.int64),
+        layout,
+    )
+
+
+def gather_weighted(rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """sum_k weight[..., k] * rows[index[..., k]] over the last dimension K of index and weight
+    (N, Lq, M, P, K): one batched MatMul per head, (N, Lq, M, 1, D)."""
+    N, Lq, M, P, K = index.shape
+    D = rows.shape[1]
+    sampled = rows[index.reshape(-1)].reshape(N, Lq, M, P * K, D)
+    return torch.matmul(weight.reshape(N, Lq, M, 1, P * K), sampled)
+
+
+def bilinear_level(
+    rows: torch.Tensor,
+    locations: torch.Tensor,
+    weights: torch.Tensor,
+    shape: torch.Tensor,
+    start: torch.Tensor,
+    layout: _Layout,
+) -> torch.Tensor:
+    """One level's bilinear samples: locations (N, Lq, M, P, 2), weights (N, Lq, M, P),
+    shape (H, W) and start as int64 tensors; the weighted sum (N, Lq, M, 1, D)."""
+    h_int, w_int = shape[0], shape[1]
+    h, w = h_int.to(layout.compute), w_int.to(layout.compute)
+    # pixel coordinates, grid_sample's align_corners=False convention
+    x = locations[..., 0] * w - 0.5  # (N, Lq, M, P)
+    y = locations[..., 1] * h - 0.5
+    # NaN fails every comparison, so non-finite and far locations are all "outside"
+    inside = (x > -1) & (x < w) & (y > -1) & (y < h)
+    x = torch.where(inside, x, torch.zeros_like(x))  # keeps floor/int casts finite
+    y = torch.where(inside, y, torch.zeros_like(y))
+    weight = torch.where(inside, weights, torch.zeros_like(x))
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    gx, gy = 1 - fx, 1 - fy
+    # the four corners (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1): (N, Lq, M, P, 4)
+    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
+    bilinear = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy], dim=-1)
+    in_map = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
+    corner_weight = torch.where(in_map, bilinear * weight.unsqueeze(-1), torch.zeros_like(bilinear))
+    # corners off the map read row start_l (weight 0) so no index leaves the level
+    cx = torch.where(in_map, cx, torch.zeros_like(cx)).to(torch.int64)
+    cy = torch.where(in_map, cy, torch.zeros_like(cy)).to(torch.int64)
+    index = (layout.batch_row + start + cy * w_int + cx) * layout.M + layout.head  # (N, Lq, M, P, 4)
+    return gather_weighted(rows, index, corner_weight, layout)
 
 
 def _tensorrt_node(
@@ -233,6 +327,10 @@ def decompose(program: "torch.export.ExportedProgram") -> "torch.export.Exported
     decomposition, ready for ``torch.onnx.export(program)``."""
     table = torch.export.default_decompositions()
     table[torch.ops.msda.ms_deform_attn_forward.default] = decomposed_ms_deform_attn
+    if hasattr(torch.ops.msda, "ms_deform_attn_v2_forward"):
+        from ._onnx_v2 import decomposed_ms_deform_attn_v2
+
+        table[torch.ops.msda.ms_deform_attn_v2_forward.default] = decomposed_ms_deform_attn_v2
     return program.run_decompositions(table)
 
 
@@ -274,7 +372,15 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
         shape = op.Concat(op.Shape(out, start=0, end=2), op.Constant(value_ints=[-1]), axis=0)
         return op.Cast(op.Reshape(out, shape), to=value.dtype)
 
-    return {torch.ops.msda.ms_deform_attn_forward.default: ms_deform_attn_tensorrt}
+    table: dict[Callable, Callable] = {torch.ops.msda.ms_deform_attn_forward.default: ms_deform_attn_tensorrt}
+    if hasattr(torch.ops.msda, "ms_deform_attn_v2_forward"):
+        # A v2 node in a program has unequal points or the discrete method (the
+        # public function sends equal-points default calls to v1's op).
+        def ms_deform_attn_v2_tensorrt(value, spatial_shapes, level_start_index, locations, weights, points, method):
+            raise ValueError(_tensorrt_v2_error(list(points), method))
+
+        table[torch.ops.msda.ms_deform_attn_v2_forward.default] = ms_deform_attn_v2_tensorrt
+    return table
 
 
 def _register_tensorrt_schema(domain: str) -> None:

@@ -67,7 +67,7 @@ def ms_deform_attn(
         # The registered autograd formula is backward-only; without this check
         # the tangents would be dropped silently.
         raise RuntimeError(FORWARD_AD_ERROR)
-    if torch.onnx.is_in_onnx_export():
+    if _onnx_export.exporting():
         # ONNX has no msda kernel: both exporters trace standard operators instead (msda/onnx.py).
         return _onnx_export.export_form(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights

@@ -23,6 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import _extension
+from . import onnx as _onnx_export
 from .checks import check_grad_output
 from .checks_v2 import check_inputs_v2
 from .ops import FORWARD_AD_ERROR, _refuse_double_backward, _setup_nothing, ms_deform_attn
@@ -100,6 +101,11 @@ def ms_deform_attn_v2(
         forward_ad.unpack_dual(t).tangent is not None for t in (value, sampling_locations, attention_weights)
     ):
         raise RuntimeError(FORWARD_AD_ERROR)
+    if _onnx_export.exporting():
+        # ONNX has no msda kernel: both exporters trace standard operators instead (msda/onnx.py).
+        return _onnx_export.export_form_v2(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points, method
+        )
     device = value.device
     if device.type == "meta":
         # Shapes only: the registered fake kernel answers (as for v1's op).
