@@ -174,3 +174,128 @@ def test_decompose_and_translation_table_for_v2_nodes(tmp_path, method):
     with pytest.raises(Exception, match="takes the same number of points on every level"):
         torch.onnx.export(program, (), str(tmp_path / "t.onnx"), dynamo=True,
                           custom_translation_table=msda.onnx.translation_table())
+
+
+# ---- transformers' v2 layers with msda.integrations.transformers.enable() -----------------------
+# Whole tiny D-FINE models do not export faithfully in transformers 5.24 with or without msda (the
+# TorchScript exporter's file differs from eager by up to 4.4 in the logits even without msda), so the
+# deformable attention layers that call the v2 function are exported here, the image size fixed by
+# their spatial_shapes_list.
+
+
+class HfV2Layer(torch.nn.Module):
+    """A D-FINE or RT-DETRv2 decoder attention layer with tensor inputs (build and run it with msda enabled)."""
+
+    SHAPES = [(6, 7), (3, 4)]
+
+    def __init__(self, family: str, points, method: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        if family == "d_fine":
+            from transformers import DFineConfig
+            from transformers.models.d_fine import modeling_d_fine as modeling
+
+            config = DFineConfig(d_model=32, decoder_attention_heads=2, num_feature_levels=2,
+                                 decoder_n_points=points, decoder_method=method)
+            self.layer = modeling.DFineMultiscaleDeformableAttention(config).eval()
+        else:
+            from transformers import RTDetrV2Config
+            from transformers.models.rt_detr_v2 import modeling_rt_detr_v2 as modeling
+
+            config = RTDetrV2Config(d_model=32, decoder_attention_heads=2, num_feature_levels=2,
+                                    decoder_n_levels=2, decoder_n_points=points, decoder_method=method)
+            self.layer = modeling.RTDetrV2MultiscaleDeformableAttention(config).eval()
+        with torch.no_grad():  # offsets that leave the map
+            for p in self.layer.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+
+    def forward(self, hidden, reference_points, memory):
+        spatial_shapes = torch.tensor(self.SHAPES)
+        return self.layer(hidden, reference_points=reference_points, encoder_hidden_states=memory,
+                          spatial_shapes=spatial_shapes, spatial_shapes_list=self.SHAPES)[0]
+
+    @classmethod
+    def inputs(cls, N: int, Lq: int, seed: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(seed)
+        S = sum(h * w for h, w in cls.SHAPES)
+        return (torch.randn(N, Lq, 32, generator=gen), torch.rand(N, Lq, 1, 4, generator=gen) * 0.8 + 0.1,
+                torch.randn(N, S, 32, generator=gen))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("family,points,method", [("d_fine", [3, 6], "default"), ("d_fine", [2, 0], "discrete"),
+                                                  ("rt_detr_v2", 3, "discrete")])
+def test_transformers_v2_layer_exports(tmp_path, monkeypatch, dynamo, family, points, method):
+    pytest.importorskip("transformers.models.d_fine")
+    # transformers' own input checks (torch._check_tensor_all: aten._is_all_true) have no ONNX
+    # translation; transformers' switch turns them off (nothing of msda's)
+    monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    import msda.integrations.transformers as msda_hf
+    from msda.integrations import _hf_forwards
+
+    calls = []
+    real = _hf_forwards.ms_deform_attn_v2
+    _hf_forwards.ms_deform_attn_v2 = lambda *a: calls.append(a[-2:]) or real(*a)
+    handle = msda_hf.enable()
+    try:
+        layer = HfV2Layer(family, points, method)
+        names = ["hidden", "reference_points", "memory"]
+        dynamic = {"hidden": {0: "N", 1: "Lq"}, "reference_points": {0: "N", 1: "Lq"}, "memory": {0: "N"}}
+        session = export(layer, layer.inputs(2, 5, 0), str(tmp_path / "hf.onnx"), names, dynamic, dynamo)
+        assert calls and calls[0] == (points if isinstance(points, list) else [points] * 2, method), calls
+        for seed, (N, Lq) in enumerate([(2, 5), (3, 9), (1, 2)]):
+            args = layer.inputs(N, Lq, seed + 1)
+            with torch.no_grad():
+                want = layer(*args)
+            torch.testing.assert_close(run(session, args), want, atol=ATOL, rtol=0)
+    finally:
+        _hf_forwards.ms_deform_attn_v2 = real
+        handle.disable()
+
+
+def test_tiny_d_fine_model_exports(tmp_path, monkeypatch):
+    # A whole D-FINE detector (random config, 3 levels with 3, 6, 3 points) through the dynamo exporter.
+    pytest.importorskip("transformers.models.d_fine")
+    from test_integrations_transformers import _resnet
+    from transformers import DFineConfig, DFineForObjectDetection, RTDetrResNetConfig
+
+    import msda.integrations.transformers as msda_hf
+
+    monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")  # see test_transformers_v2_layer_exports
+    torch.manual_seed(0)
+    config = DFineConfig(
+        backbone_config=_resnet(RTDetrResNetConfig), d_model=32, encoder_hidden_dim=32, encoder_layers=1,
+        encoder_in_channels=[16, 16, 16], encoder_ffn_dim=32, decoder_layers=2, decoder_ffn_dim=32,
+        decoder_attention_heads=2, encoder_attention_heads=2, num_queries=10, decoder_n_points=[3, 6, 3],
+        num_labels=3, decoder_in_channels=[32, 32, 32], num_feature_levels=3, num_denoising=0, dropout=0.0,
+    )
+
+    class Raw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = DFineForObjectDetection(config).eval()
+
+        def forward(self, pixel_values):
+            out = self.model(pixel_values=pixel_values)
+            return out.logits, out.pred_boxes
+
+    with msda_hf.enable():
+        model = Raw()
+        images = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+        path = str(tmp_path / "d_fine.onnx")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (images[0],), path, dynamo=True, input_names=["pixel_values"])
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        for x in images:
+            with torch.no_grad():
+                want = model(x)
+            got = torch.cat([torch.from_numpy(g) for g in session.run(None, {"pixel_values": x.numpy()})], -1)
+            want = torch.cat(want, -1)  # (N, queries, labels + 4)
+            # the encoder's top-k query selection may order near-ties differently: match queries first
+            distance = torch.cdist(got.double(), want.double(), p=float("inf"))
+            match = distance.argmin(-1)
+            assert all(sorted(m.tolist()) == list(range(want.shape[1])) for m in match), match
+            torch.testing.assert_close(got, torch.stack([w[m] for w, m in zip(want, match)]), atol=ATOL, rtol=0)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert "GridSample" not in ops  # msda's decomposition, not transformers' grid_sample
