@@ -120,10 +120,36 @@ def export_form(
     the TensorRT node under :func:`tensorrt_plugin`, the decomposition otherwise."""
     _register_torchscript_symbolics()
     if _tensorrt_domain is not None:
-        return _tensorrt_node(
+        out = _tensorrt_node(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, _tensorrt_domain
         )
-    return decomposed_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    else:
+        out = decomposed_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _refuse_gradients(out)
+
+
+GRADIENT_ERROR = (
+    "msda: a gradient reached msda's op while torch.onnx.export was tracing the model (torch.autograd.grad "
+    "or .backward() inside the exported code). The ONNX form of msda's op is inference only: the exporters "
+    "cannot write its backward (the TorchScript exporter stops on aten::select_backward, the dynamo exporter on "
+    "fake tensors left in the program). Compute gradients outside the exported model, or export the model "
+    "without them"
+)
+
+
+def _refuse_gradients(out: torch.Tensor) -> torch.Tensor:
+    """Make a backward through the exported op fail with msda's message, not the exporter's.
+
+    Both exporters trace with autograd on (parameters require grad), so
+    requires_grad alone says nothing; a gradient arriving at the output does.
+    """
+    if out.requires_grad:
+
+        def refuse(grad: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError(GRADIENT_ERROR)
+
+        out.register_hook(refuse)
+    return out
 
 
 def export_form_v2(
@@ -144,9 +170,10 @@ def export_form_v2(
         raise ValueError(_tensorrt_v2_error(list(points_per_level), method))
     from ._onnx_v2 import decomposed_ms_deform_attn_v2
 
-    return decomposed_ms_deform_attn_v2(
+    out = decomposed_ms_deform_attn_v2(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points_per_level, method
     )
+    return _refuse_gradients(out)
 
 
 def _tensorrt_v2_error(points_per_level: list[int], method: str) -> str:
