@@ -1,0 +1,100 @@
+"""The example detector (tiny config) as an AOTInductor package, run in fresh processes.
+
+One export through the command line (``python -m examples.deformable_detr.export CKPT --format
+aoti --quick-compile``: dynamic batch and image size, unoptimised kernels so that it compiles in
+about a minute), then in new Python processes: the raw per-query logits and boxes against eager
+PyTorch within 1e-4 at the export size and two others, and ``predict --backend aoti`` against
+``predict`` on the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from examples.deformable_detr import export as export_cli
+from examples.deformable_detr import predict as predict_cli
+from examples.deformable_detr.checkpoint import save_checkpoint
+from examples.deformable_detr.configs import tiny_config
+from examples.deformable_detr.deformable_detr import build_model
+from test_onnx_detector import images
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-4
+SIZES = [(1, 96, 128), (2, 80, 144), (3, 130, 70)]  # (batch, height, width): the export size, then others
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """(eager model, checkpoint path, package path)."""
+    directory = tmp_path_factory.mktemp("aoti_detector")
+    torch.manual_seed(0)
+    model = build_model(tiny_config("base", enc_layers=1, dec_layers=1)).eval()
+    with torch.no_grad():  # move off the initialisation so boxes and classes differ between queries
+        for p in model.transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    checkpoint = str(directory / "tiny.pth")
+    save_checkpoint(checkpoint, model)
+    path = str(directory / "tiny.pt2")
+    argv = [checkpoint, "--format", "aoti", "--quick-compile", "--output", path, "--height", "96", "--width", "128",
+            "--no-check"]
+    assert export_cli.main(argv) == 0
+    return model, checkpoint, path
+
+
+def run_fresh(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # this process's import path (msda built in place or installed; the repository for examples/)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, *(p for p in sys.path if p)])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+RAW_OUTPUTS = """
+    import sys
+    import torch
+    from examples.deformable_detr import export
+    model = export.load_exported(sys.argv[1], "aoti")  # imports msda (examples' modules), then the package
+    with torch.no_grad():
+        outputs = [model(*export.example_inputs(h, w, b)) for b, h, w in {sizes}]
+    torch.save(outputs, sys.argv[2])
+"""
+
+
+def test_raw_outputs_in_fresh_process_match_eager(package, tmp_path):
+    model, _, path = package
+    out_path = str(tmp_path / "outputs.pt")
+    done = run_fresh(["-c", textwrap.dedent(RAW_OUTPUTS.format(sizes=SIZES)), path, out_path])
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out_path)
+    with torch.no_grad():
+        for (batch, height, width), outputs in zip(SIZES, got):
+            want = model(*export_cli.example_inputs(height, width, batch))
+            for key in export_cli.OUTPUT_NAMES:
+                assert outputs[key].shape == want[key].shape
+                torch.testing.assert_close(outputs[key], want[key], atol=ATOL, rtol=0, msg=f"{key} at {height}x{width}")
+
+
+def test_predict_command_with_aoti(package, tmp_path):
+    _, checkpoint, path = package
+    paths = []
+    for i, image in enumerate(images(2)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        image.save(paths[-1])
+    size = ["--short-side", "96", "--max-size", "160", "--threshold", "0.0"]
+    module = "examples.deformable_detr.predict"
+    done = run_fresh(["-m", module, path, *paths, "--backend", "aoti", "--output-dir", str(tmp_path / "aoti"), *size])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert predict_cli.main([checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *size]) == 0
+    for i in range(len(paths)):
+        got = json.loads((tmp_path / "aoti" / f"img{i}.json").read_text())["detections"]
+        want = json.loads((tmp_path / "torch" / f"img{i}.json").read_text())["detections"]
+        assert len(got) == len(want) > 0
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=ATOL)
