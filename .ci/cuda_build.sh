@@ -7,7 +7,8 @@
 # the architectures in $MSDA_CI_CUDA_ARCHS (default "8.0;9.0").
 # Fails on a compile error, on any warning located in csrc/cuda, and on any
 # kernel that spills registers; prints ptxas' register, spill and shared
-# memory figures for every kernel.
+# memory figures for every kernel. Then checks the C++ deployment path against
+# the CUDA build (.ci/cuda_cpp_link.sh: compile and link only).
 #
 # Environment: MSDA_CUDA_VENV (default ${XDG_CACHE_HOME:-$HOME/.cache}/msda-ci/venv-cu130),
 # MSDA_CUDA_TORCH (default torch==2.14.1), CUDA_HOME (default /usr/local/cuda),
@@ -116,4 +117,7 @@ for p in problems:
     print("cuda_build: FAIL:", p, file=sys.stderr)
 sys.exit(1 if problems else 0)
 PY
+# The C++ deployment path against this CUDA build: no Python in libmsda.so, the
+# smoke program compiles and links with it (about a minute; not run: no GPU).
+bash "$ROOT/.ci/cuda_cpp_link.sh" "$WORK/lib/msda/libmsda.so" "$VENV/bin/python"
 echo "cuda_build: OK"
