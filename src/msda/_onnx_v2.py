@@ -49,7 +49,7 @@ def decomposed_ms_deform_attn_v2(
         if method == "discrete":
             part = _discrete_level(rows, level_locations, level_weights, shapes[level], starts[level], layout)
         else:
-            part = _onnx.bilinear_level(
+            part = _onnx._bilinear_level(
                 rows, locations[:, :, :, first : first + count], level_weights, shapes[level], starts[level], layout
             )
         first += count
@@ -91,4 +91,4 @@ def _discrete_level(
     y, y_nan = _pixel_index(locations[..., 1], h)
     weight = torch.where(x_nan | y_nan, torch.zeros_like(weights), weights)
     index = (layout.batch_row + start + (y * w + x).unsqueeze(-1)) * layout.M + layout.head  # (N, Lq, M, P, 1)
-    return _onnx.gather_weighted(rows, index, weight.unsqueeze(-1), layout)
+    return _onnx._gather_weighted(rows, index, weight.unsqueeze(-1))

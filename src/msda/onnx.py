@@ -210,7 +210,7 @@ def decomposed_ms_deform_attn(
     )
     out = None
     for level in range(L):
-        part = bilinear_level(
+        part = _bilinear_level(
             rows, locations[:, :, :, level], weights[:, :, :, level], shapes[level], starts[level], layout
         )
         out = part if out is None else out + part
@@ -246,7 +246,7 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     )
 
 
-def gather_weighted(rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, layout: _Layout) -> torch.Tensor:
+def _gather_weighted(rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum_k weight[..., k] * rows[index[..., k]] over the last dimension K of index and weight
     (N, Lq, M, P, K): one batched MatMul per head, (N, Lq, M, 1, D)."""
     N, Lq, M, P, K = index.shape
@@ -255,7 +255,7 @@ def gather_weighted(rows: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
     return torch.matmul(weight.reshape(N, Lq, M, 1, P * K), sampled)
 
 
-def bilinear_level(
+def _bilinear_level(
     rows: torch.Tensor,
     locations: torch.Tensor,
     weights: torch.Tensor,
@@ -288,7 +288,7 @@ def bilinear_level(
     cx = torch.where(in_map, cx, torch.zeros_like(cx)).to(torch.int64)
     cy = torch.where(in_map, cy, torch.zeros_like(cy)).to(torch.int64)
     index = (layout.batch_row + start + cy * w_int + cx) * layout.M + layout.head  # (N, Lq, M, P, 4)
-    return gather_weighted(rows, index, corner_weight, layout)
+    return _gather_weighted(rows, index, corner_weight)
 
 
 def _tensorrt_node(
