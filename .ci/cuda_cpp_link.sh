@@ -2,9 +2,9 @@
 # C++ deployment against a CUDA build, on a machine without a GPU: checks that a
 # CUDA-built libmsda.so needs no Python and that tests/cpp/aoti_smoke.cpp (the
 # C++ AOTInductor smoke program) compiles and links against the CUDA torch with
-# that library on its link line, so every symbol libmsda.so takes from libtorch,
-# libtorch_cuda, libc10_cuda and the CUDA runtime resolves. Nothing is run:
-# that needs a GPU (README "C++ deployment").
+# that library on its link line, so every symbol libmsda.so takes from torch's
+# libraries (libc10, libtorch_cpu, libc10_cuda) and the CUDA runtime resolves.
+# Nothing is run: that needs a GPU (README "C++ deployment").
 #
 # Usage: cuda_cpp_link.sh LIBMSDA_SO PYTHON   (PYTHON: the CUDA venv's interpreter)
 set -euo pipefail
