@@ -74,7 +74,7 @@ struct DiscretePoints {
     last_xy.resize(scratch_size(), 0.f);
   }
 
-  // Floats of scratch that rows() needs: the item's coordinates, rounded up to whole vectors.
+  // Entries of scratch that rows() needs: the item's coordinates, rounded up to whole vectors.
   int64_t scratch_size() const {
 #ifdef MSDA_DISCRETE_VECTOR_INDEX
     return (2 * static_cast<int64_t>(width.size()) + IndexVec::size() - 1) / IndexVec::size() * IndexVec::size();
@@ -95,7 +95,7 @@ struct DiscretePoints {
   // pixel: trunc(loc * size + 0.5) with the product rounded first, clamped to
   // [0, size - 1] (trunc is <= 0 below 1; >= size - 1 + 1 at or past size),
   // NaN kept by maximum/minimum and turned into -1.
-  void rows(const loc_t* loc, int64_t* out, float* scratch) const {
+  void rows(const loc_t* loc, int64_t* out, int32_t* scratch) const {
     const int64_t points = static_cast<int64_t>(width.size());
 #ifdef MSDA_DISCRETE_VECTOR_INDEX
     if constexpr (std::is_same_v<loc_t, float>) {
@@ -105,12 +105,13 @@ struct DiscretePoints {
           const int64_t count = std::min<int64_t>(IndexVec::size(), coords - j);
           const IndexVec product = separately_rounded(IndexVec::loadu(loc + j, count) * IndexVec::loadu(&size_xy[j]));
           const IndexVec pixel = (product + IndexVec(0.5f)).trunc();
-          at::vec::minimum(at::vec::maximum(pixel, IndexVec(0.f)), IndexVec::loadu(&last_xy[j])).store(scratch + j);
+          const IndexVec clamped = at::vec::minimum(at::vec::maximum(pixel, IndexVec(0.f)), IndexVec::loadu(&last_xy[j]));
+          // x86's truncating conversion turns NaN into INT32_MIN, the only negative result.
+          at::vec::convert_to_int_of_same_size(clamped).store(scratch + j);
         }
         for (int64_t i = 0; i < points; ++i) {
-          const float x = scratch[2 * i], y = scratch[2 * i + 1];
-          out[i] = (x != x || y != y) ? -1
-                                      : start[i] + static_cast<int64_t>(y) * width[i] + static_cast<int64_t>(x);
+          const int32_t x = scratch[2 * i], y = scratch[2 * i + 1];
+          out[i] = (x | y) < 0 ? -1 : start[i] + static_cast<int64_t>(y) * width[i] + x;
         }
         return;
       }
@@ -188,26 +189,40 @@ void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* 
     std::vector<const scalar_t*> rows((kDiscreteAhead + 1) * points);
     std::vector<acc_t> weight((kDiscreteAhead + 1) * points);
     std::vector<int64_t> item_rows(points);
-    std::vector<float> scratch(table.scratch_size());
-    auto compute = [&](int64_t item) {
-      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
-      const int64_t m = item % p.M, n = item / p.M / p.Lq;
-      const scalar_t* head = value + n * p.S * row_stride + m * p.D;
-      table.rows(loc + 2 * item * points, item_rows.data(), scratch.data());
+    std::vector<int32_t> scratch(table.scratch_size());
+    // The next item to compute, its head m and batch n, and its ring slot,
+    // advanced by counting: 64-bit divisions per item cost as much as its gather.
+    int64_t next = begin, next_m = begin % p.M, next_q = begin / p.M % p.Lq, next_n = begin / p.M / p.Lq;
+    int64_t next_slot = 0;
+    auto compute_next = [&]() {
+      const int64_t slot = next_slot * points;
+      const scalar_t* head = value + next_n * p.S * row_stride + next_m * p.D;
+      table.rows(loc + 2 * next * points, item_rows.data(), scratch.data());
+      const acc_t* item_attn = attn + next * points;
       for (int64_t i = 0; i < points; ++i) {
         const int64_t r = item_rows[i];
         // A NaN point gets weight 0 and the zero row, so even a NaN or inf
         // attention weight contributes exactly zero.
         rows[slot + i] = r < 0 ? zeros.data() : head + r * row_stride;
-        weight[slot + i] = r < 0 ? acc_t(0) : attn[item * points + i];
+        weight[slot + i] = r < 0 ? acc_t(0) : item_attn[i];
         prefetch_range(rows[slot + i], prefetch_bytes);
       }
+      ++next;
+      next_slot = next_slot == kDiscreteAhead ? 0 : next_slot + 1;
+      if (++next_m == p.M) {
+        next_m = 0;
+        if (++next_q == p.Lq) {
+          next_q = 0;
+          ++next_n;
+        }
+      }
     };
-    for (int64_t item = begin; item < std::min(end, begin + kDiscreteAhead); ++item) compute(item);
+    while (next < std::min(end, begin + kDiscreteAhead)) compute_next();
+    int64_t slot = 0;
     for (int64_t item = begin; item < end; ++item) {
-      if (item + kDiscreteAhead < end) compute(item + kDiscreteAhead);
-      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
-      gather_item(weight.data() + slot, rows.data() + slot, points, p.D, out + item * p.D);
+      if (next < end) compute_next();
+      gather_item(weight.data() + slot * points, rows.data() + slot * points, points, p.D, out + item * p.D);
+      slot = slot == kDiscreteAhead ? 0 : slot + 1;
     }
   });
 }
@@ -258,7 +273,7 @@ __attribute__((noinline)) void discrete_backward_tasks(
   const int64_t points = p.L, row_stride = p.M * p.D;
   const int64_t all_points = p.N * p.Lq * p.M * points;
   std::vector<int64_t> item_rows(points);
-  std::vector<float> scratch(table.scratch_size());
+  std::vector<int32_t> scratch(table.scratch_size());
   for (int64_t task = begin; task < end; ++task) {
     const int64_t block = task % blocks.count;
     const int64_t m = task / blocks.count % p.M, n = task / blocks.count / p.M;
