@@ -79,6 +79,13 @@ def make_case(
     attn = attn / attn.sum(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
     grad_output = torch.rand(N, Lq, M * D, generator=gen, dtype=torch.float64) * 2 - 1
     loc = loc.to(loc_dtype or value_dtype)
+    # Rounding (to loc's dtype, or the kernels' float32 arithmetic: 0.9f * 5
+    # is 4.5 exactly) can also put a coordinate on or within a hair of a
+    # pixel centre, the bilinear function's kink: there float64 and float32
+    # take different one-sided location gradients. Move those a quarter pixel.
+    pixel = loc.double() * wh - 0.5
+    kink = pixel.round()
+    loc = torch.where((pixel - kink).abs() < 1e-4, ((kink + 0.75) / wh).to(loc.dtype), loc)
     # Rounding to a 16-bit dtype can put a location exactly on the sampling
     # window's edge (x = -1 or x = W), where spec §1 lets grid_sample's one-sided
     # gradient differ from the kernels' zero: move those few into the map.
