@@ -95,10 +95,18 @@ def sampling_locations(
         normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
         normalizer = normalizer[:, None, :].expand(L, P, 2).reshape(L * P * 2)
         base = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        step = flat / normalizer
-        # base + step, in place where step already has the result's dtype
-        # (addition commutes bitwise; the divisor is all the division saved).
-        locations = step.add_(base) if _same_result_dtype(step, base) else base + step
+        if flat.dtype in (torch.float32, torch.float64) and base.dtype == flat.dtype and not (
+            torch.is_grad_enabled() and (flat.requires_grad or base.requires_grad)
+        ):
+            # One pass: addcdiv computes base + 1 * (flat / normalizer), the
+            # same bits (the sizes are exact in the offsets' dtype). Not with
+            # a gradient: addcdiv's multiplies by 1 / normalizer instead.
+            locations = torch.addcdiv(base, flat, normalizer.to(flat.dtype))
+        else:
+            step = flat / normalizer
+            # base + step, in place where step already has the result's dtype
+            # (addition commutes bitwise; autograd saved only the divisor).
+            locations = step.add_(base) if _same_result_dtype(step, base) else base + step
     elif reference_points.shape[-1] == 4:
         base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
         size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
