@@ -60,7 +60,8 @@ def any_true(mask: torch.Tensor) -> bool:
     The modules mask the value at padded pixels with a full copy of it
     (``masked_fill``); where no pixel is padded, skipping it is exact."""
     if (
-        mask.device.type != "cpu"
+        type(mask) is not torch.Tensor  # a subclass or a tracer's proxy: not a plain value to read
+        or mask.device.type != "cpu"
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
