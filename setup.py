@@ -275,9 +275,11 @@ def _extensions():
     # setuptools relinks only when a source or one of these is newer than the library.
     ext.depends = CAPABILITY_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True))
     # Before the library, msda._C was a Python extension module; a stale one
-    # left in an in-place build would shadow msda/_C.py.
-    for stale in glob.glob(os.path.join(ROOT, "src", "msda", "_C.*.so")):
-        os.remove(stale)
+    # left by an earlier build (in place, or in build/lib*, which pip copies
+    # from) would shadow msda/_C.py.
+    for folder in [os.path.join(ROOT, "src", "msda")] + glob.glob(os.path.join(ROOT, "build", "lib*", "msda")):
+        for stale in glob.glob(os.path.join(folder, "_C.*.so")):
+            os.remove(stale)
     _write_build_info(torch, with_cuda, cuda_archs, [name.lower() for name in capabilities])
     build_ext = _capability_build_ext(cpp_extension.BuildExtension, capabilities).with_options(use_ninja=True)
     version, requires = _built_for(torch, with_cuda)

@@ -12,7 +12,13 @@ interleaved run by run so that load on the machine hits them alike:
 ``transformers`` (its own path), ``msda layer`` (enable() with transformers'
 location arithmetic kept; inference only) and ``msda`` (enable(): layer and
 arithmetic).
-Medians are reported. Prints a table and writes JSON
+Medians are reported. ``--split`` adds where one 800x1333 inference (320x480
+with --quick) spends its time in each configuration (module timing hooks): the
+backbone, the deformable attention modules' projections, their attention core
+(transformers' grid_sample layer or msda's op), their own arithmetic (position
+add, masking, softmax, sampling locations), the FFNs and the rest; and the
+ratio msda's path would reach if its core and arithmetic took no time.
+Prints a table and writes JSON
 (benchmarks/results/hf_detr.json, or hf_detr_quick.json with --quick) with
 the machine description.
 """
@@ -126,6 +132,79 @@ def training_case(model, height: int, width: int, repeats: int) -> dict:
     return {"case": f"training step 2x{height}x{width}", "seconds": times, "max_abs_loss_diff": diff}
 
 
+PROJECTIONS = ("value_proj", "sampling_offsets", "attention_weights", "output_proj")
+
+
+def split_case(model, height: int, width: int, repeats: int) -> dict:
+    """Per-part seconds of one inference, from forward hooks (medians)."""
+    model.eval()
+    pixels = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(1))
+    spent: dict[str, float] = {}
+    started: dict[int, float] = {}
+    wrappers = {name for name, m in model.named_modules() if type(m).__name__.endswith("MultiscaleDeformableAttention")}
+
+    def part(name: str, module: torch.nn.Module) -> str:
+        parent, _, attribute = name.rpartition(".")
+        if name == "model.backbone":
+            return "backbone"
+        if attribute == "mlp":
+            return "FFNs"
+        if name in wrappers:  # the module that owns the projections and calls the layer
+            return "attention modules"
+        if type(module).__name__ == msda_hf.LAYER_NAME:
+            return "attention core"
+        if parent in wrappers and attribute in PROJECTIONS:
+            return "attention projections"
+        return ""
+
+    hooks = []
+    for name, module in model.named_modules():
+        key = part(name, module)
+        if key:
+            def pre(m, args):
+                started[id(m)] = time.perf_counter()
+
+            def post(m, args, out, _key=key):
+                spent[_key] = spent.get(_key, 0.0) + time.perf_counter() - started.pop(id(m))
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def run():
+        spent.clear()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(pixel_values=pixels)
+        parts = dict(spent, total=time.perf_counter() - start)
+        inner = parts.get("attention core", 0.0) + parts.get("attention projections", 0.0)
+        parts["attention arithmetic"] = parts.pop("attention modules", 0.0) - inner
+        parts["rest"] = parts["total"] - sum(v for k, v in parts.items() if k != "total")
+        return parts
+
+    configs = ("transformers", "msda")
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    try:
+        for i in range(repeats + 1):  # the first round warms up
+            for name in configs:
+                with configuration(name):
+                    parts = run()
+                if i:
+                    runs[name].append(parts)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    split = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()
+    }
+    msda = split["msda"]
+    floor = msda["total"] - msda["attention core"] - msda["attention arithmetic"]
+    return {
+        "case": f"split of one inference {height}x{width}",
+        "seconds": {name: [r["total"] for r in rs] for name, rs in runs.items()},
+        "parts_median_seconds": split,
+        "speedup_if_msda_core_and_arithmetic_were_free": split["transformers"]["total"] / floor,
+    }
+
+
 def locations_case(height: int, width: int, repeats: int) -> dict:
     # The encoder's shapes: every pixel of the 4 levels queries 8 heads x 4 levels x 4 points.
     shapes = torch.tensor([[-(-height // s), -(-width // s)] for s in (8, 16, 32, 64)])
@@ -157,6 +236,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes only (no 800x1333), 1 timed run")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 3, quick 1)")
+    p.add_argument("--split", action="store_true", help="also time the parts of one inference (module hooks)")
     p.add_argument("--output", default=None)
     args = p.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
@@ -170,6 +250,8 @@ def main() -> None:
     cases.append(inference_case(model, 320, 480, repeats) if args.quick else None)
     cases.append(training_case(model, *((256, 384) if args.quick else (480, 640)), repeats))
     cases.append(locations_case(*((320, 480) if args.quick else (800, 1333)), max(repeats, 5)))
+    if args.split:
+        cases.append(split_case(model, *((320, 480) if args.quick else (800, 1333)), repeats))
     cases = [c for c in cases if c is not None]
 
     for case in cases:
@@ -189,6 +271,16 @@ def main() -> None:
         layer_x = f"{s['msda layer']:.2f}x" if "msda layer" in s else "-"
         row = [case["case"], f"{m['transformers']:.3f}", layer, f"{m['msda']:.3f}", layer_x, f"{s['msda']:.2f}x"]
         print("| " + " | ".join(row) + " |")
+    for case in cases:
+        if "parts_median_seconds" in case:
+            split = case["parts_median_seconds"]
+            print(f"\n{case['case']}, median seconds:")
+            print("| part | transformers | msda |")
+            print("| --- | --- | --- |")
+            for key in split["transformers"]:
+                print(f"| {key} | {split['transformers'][key]:.3f} | {split['msda'][key]:.3f} |")
+            print(f"speed-up if msda's attention core and arithmetic took no time: "
+                  f"{case['speedup_if_msda_core_and_arithmetic_were_free']:.2f}x")
 
     result = {
         "benchmark": "hf_detr",

@@ -251,13 +251,16 @@ def test_fast_location_arithmetic_is_bitwise_equal(name):
 
 
 @pytest.mark.parametrize("coords", [2, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sampling_locations_match_broadcast_form(coords, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("grad", [False, True])
+def test_sampling_locations_match_broadcast_form(coords, dtype, grad):
+    # float32 runs the in-place steps; bfloat16 offsets (float32 result) and
+    # float64 offsets (float64 result, float32 reference points) do not.
     g = torch.Generator().manual_seed(coords)
     N, Lq, M, L, P = 2, 37, 3, 4, 5
     shapes = torch.tensor([[13, 17], [7, 9], [4, 5], [1, 3]])
-    ref = torch.rand(N, Lq, L, coords, generator=g)
-    offsets = (torch.randn(N, Lq, M, L, P, 2, generator=g) * 3).to(dtype)
+    ref = torch.rand(N, Lq, L, coords, generator=g).requires_grad_(grad)
+    offsets = (torch.randn(N, Lq, M, L, P, 2, generator=g) * 3).to(dtype).requires_grad_(grad)
     if coords == 2:  # transformers' broadcast arithmetic, written out
         normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
         want = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
@@ -265,6 +268,36 @@ def test_sampling_locations_match_broadcast_form(coords, dtype):
         want = ref[:, :, None, :, None, :2] + offsets / P * ref[:, :, None, :, None, 2:] * 0.5
     got = _shared.sampling_locations(ref, offsets, shapes, P)
     assert got.dtype == want.dtype and torch.equal(got, want)
+    if grad:  # the in-place steps keep autograd right (the offsets' gradient: the same bits)
+        grad_output = torch.randn(want.shape, generator=g).to(want.dtype)
+        want_ref, want_off = torch.autograd.grad(want, (ref, offsets), grad_output)
+        got_ref, got_off = torch.autograd.grad(got, (ref, offsets), grad_output)
+        assert torch.equal(got_off, want_off)
+        # the reference points' gradient sums over (M, P) in another order
+        torch.testing.assert_close(got_ref, want_ref, atol=1e-5, rtol=1e-6)
+
+
+def test_masked_fill_skipped_only_without_padding(monkeypatch):
+    # The value is masked with a full copy; the wrapper skips it where no
+    # pixel is padded (asked on the CPU in eager mode only), and must still
+    # zero padded pixels when there are some.
+    fills = []
+    real = torch.Tensor.masked_fill
+    monkeypatch.setattr(torch.Tensor, "masked_fill", lambda *a: fills.append(1) or real(*a))
+    torch.manual_seed(0)
+    model, inputs, names = _deformable_detr()
+    unpadded = dict(inputs, pixel_mask=torch.ones_like(inputs["pixel_mask"]))
+    for batch in (inputs, unpadded):
+        want = _run(model, batch, names)
+        del fills[:]
+        with msda_hf.enable():
+            got = _run(model, batch, names)
+        assert (len(fills) > 0) == (batch is inputs)  # 1 encoder and 2 decoder layers fill, or none
+        for n in names:
+            torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=0)
+    assert _shared.any_true(torch.zeros(3, dtype=torch.bool)) is False
+    assert _shared.any_true(torch.tensor([False, True])) is True
+    assert _shared.any_true(torch.zeros(3, dtype=torch.bool, device="meta")) is True  # not asked off the CPU
 
 
 def test_disable_restores_the_exact_objects():

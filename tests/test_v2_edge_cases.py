@@ -174,6 +174,40 @@ def test_discrete_index_in_float32_for_16_bit_locations(dtype):
     assert out == want + 1
 
 
+def product_rounding_cases(max_side: int = 160) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 locations next to the .5 boundaries of maps 1..max_side wide,
+    and each one's side: trunc(loc * W + 0.5) differs there between the
+    product rounded first (msda's rule) and a fused multiply-add."""
+    sides = torch.arange(1, max_side + 1)
+    pixel = torch.cat([torch.arange(1, w + 1) for w in sides.tolist()])
+    side = torch.repeat_interleave(sides, sides)
+    boundary = ((pixel - 0.5) / side).float()  # (k - 0.5) / W in float32
+    # The float32 numbers up to 16 ulps either side of each boundary.
+    steps = torch.arange(-16, 17, dtype=torch.int32)
+    loc = (boundary.view(torch.int32)[:, None] + steps).view(torch.float32).flatten()
+    side = side.repeat_interleave(len(steps))
+    return loc, side
+
+
+def test_discrete_index_rounds_the_product_before_adding_half():
+    loc, side = product_rounding_cases()
+    separate = torch.trunc(loc * side.float() + 0.5)  # two float32 roundings (eager ops never fuse)
+    fused = torch.trunc((loc.double() * side + 0.5).float())  # the exact product: what an FMA computes
+    differ = separate != fused
+    assert int(differ.sum()) >= 20  # the cases exist, or this test could not fail
+    loc, side = loc[differ], side[differ]
+    want = separate[differ].long().clamp(max=side - 1)
+    for axis in (0, 1):  # x on a 1-row map, y on a 1-column map
+        for w, x, expect in zip(side.tolist(), loc.tolist(), want.tolist()):
+            shape = (1, w) if axis == 0 else (w, 1)
+            xy = (x, 0.5) if axis == 0 else (0.5, x)
+            value = torch.arange(1, w + 1, dtype=torch.float32).view(1, w, 1, 1)
+            out = msda.ms_deform_attn_v2(
+                value, torch.tensor([shape]), torch.tensor([0]), torch.tensor(xy).view(1, 1, 1, 1, 2),
+                torch.ones(1, 1, 1, 1), [1], "discrete")
+            assert out.item() == expect + 1, (shape, x)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_one_pixel_levels_and_one_point(method):
     case = make_case_v2(2, 7, 3, 5, [(1, 1), (1, 3), (2, 1)], [1, 1, 1], method, seed=2)

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/layout.h"
@@ -25,18 +26,61 @@
 namespace msda::cpu {
 inline namespace CPU_CAPABILITY {
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// Float32 indices of a whole item at once (below); the baseline capability
+// keeps the scalar path, whose volatile store is the portable way to stop a
+// multiply-add contraction.
+#define MSDA_DISCRETE_VECTOR_INDEX 1
+using IndexVec = at::vec::Vectorized<float>;
+
+// v, its lanes rounded to float as they are: the empty asm makes the compiler
+// materialise the product, so it cannot fuse it with the following + 0.5
+// into one multiply-add (which would round once, see v2_discrete_index.h).
+inline IndexVec separately_rounded(IndexVec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r = v;
+  __asm__("" : "+v"(r));
+#else
+  __m256 r = v;
+  __asm__("" : "+x"(r));
+#endif
+  return IndexVec(r);
+}
+#endif
+
 // The size and first row of each point's level, in the index type loc_t.
 template <typename loc_t>
 struct DiscretePoints {
   std::vector<loc_t> width_f, height_f;
   std::vector<int64_t> width, height, start;
+  // For the vector path: (W_i, H_i) and (W_i - 1, H_i - 1) interleaved like
+  // the locations, padded to whole vectors; used only when every side is
+  // exact in float32 (<= 2**24), so that the clamp to the last pixel is exact.
+  std::vector<float> size_xy, last_xy;
+  bool vector_index = false;
 
   explicit DiscretePoints(const Layout& layout)
       : width(layout.W), height(layout.H), start(layout.start) {
+    constexpr int64_t kExactInFloat = int64_t(1) << 24;
+    vector_index = std::is_same_v<loc_t, float>;
     for (int64_t i = 0; i < layout.p.L; ++i) {
       width_f.push_back(static_cast<loc_t>(width[i]));
       height_f.push_back(static_cast<loc_t>(height[i]));
+      size_xy.insert(size_xy.end(), {static_cast<float>(width[i]), static_cast<float>(height[i])});
+      last_xy.insert(last_xy.end(), {static_cast<float>(width[i] - 1), static_cast<float>(height[i] - 1)});
+      vector_index = vector_index && width[i] <= kExactInFloat && height[i] <= kExactInFloat;
     }
+    size_xy.resize(scratch_size(), 1.f);
+    last_xy.resize(scratch_size(), 0.f);
+  }
+
+  // Entries of scratch that rows() needs: the item's coordinates, rounded up to whole vectors.
+  int64_t scratch_size() const {
+#ifdef MSDA_DISCRETE_VECTOR_INDEX
+    return (2 * static_cast<int64_t>(width.size()) + IndexVec::size() - 1) / IndexVec::size() * IndexVec::size();
+#else
+    return 0;
+#endif
   }
 
   // Row (level start + y * W + x) that point i of an item reads, or -1 when
@@ -45,6 +89,36 @@ struct DiscretePoints {
     const int64_t x = discrete_index(loc[2 * i], width_f[i], width[i]);
     const int64_t y = discrete_index(loc[2 * i + 1], height_f[i], height[i]);
     return (x < 0 || y < 0) ? -1 : start[i] + y * width[i] + x;
+  }
+
+  // row(i, loc) for every point of an item. The vector path computes the same
+  // pixel: trunc(loc * size + 0.5) with the product rounded first, clamped to
+  // [0, size - 1] (trunc is <= 0 below 1; >= size - 1 + 1 at or past size),
+  // NaN kept by maximum/minimum and turned into -1.
+  void rows(const loc_t* loc, int64_t* out, int32_t* scratch) const {
+    const int64_t points = static_cast<int64_t>(width.size());
+#ifdef MSDA_DISCRETE_VECTOR_INDEX
+    if constexpr (std::is_same_v<loc_t, float>) {
+      if (vector_index) {
+        const int64_t coords = 2 * points;
+        for (int64_t j = 0; j < coords; j += IndexVec::size()) {
+          const int64_t count = std::min<int64_t>(IndexVec::size(), coords - j);
+          const IndexVec product = separately_rounded(IndexVec::loadu(loc + j, count) * IndexVec::loadu(&size_xy[j]));
+          const IndexVec pixel = (product + IndexVec(0.5f)).trunc();
+          const IndexVec clamped = at::vec::minimum(at::vec::maximum(pixel, IndexVec(0.f)), IndexVec::loadu(&last_xy[j]));
+          // x86's truncating conversion turns NaN into INT32_MIN, the only negative result.
+          at::vec::convert_to_int_of_same_size(clamped).store(scratch + j);
+        }
+        for (int64_t i = 0; i < points; ++i) {
+          const int32_t x = scratch[2 * i], y = scratch[2 * i + 1];
+          out[i] = (x | y) < 0 ? -1 : start[i] + static_cast<int64_t>(y) * width[i] + x;
+        }
+        return;
+      }
+    }
+#endif
+    (void)scratch;
+    for (int64_t i = 0; i < points; ++i) out[i] = row(i, loc);
   }
 };
 
@@ -80,12 +154,13 @@ inline void gather_channels(const acc_t* weight, const scalar_t* const* rows, in
   for (int64_t j = 0; j < kVecs * Vec::size(); ++j) out[c + j] = static_cast<scalar_t>(buffer[j]);
 }
 
-// One item's D output channels: blocks of 4 and 1 vectors, then scalars.
+// One item's D output channels: blocks of 4, 2 and 1 vectors, then scalars.
 template <typename scalar_t, typename acc_t>
 inline void gather_item(const acc_t* weight, const scalar_t* const* rows, int64_t count, int64_t D, scalar_t* out) {
   using Vec = typename VecLoad<scalar_t>::Vec;
   int64_t c = 0;
   for (; c + 4 * Vec::size() <= D; c += 4 * Vec::size()) gather_channels<4>(weight, rows, count, c, out);
+  for (; c + 2 * Vec::size() <= D; c += 2 * Vec::size()) gather_channels<2>(weight, rows, count, c, out);
   for (; c + Vec::size() <= D; c += Vec::size()) gather_channels<1>(weight, rows, count, c, out);
   for (; c < D; ++c) {
     acc_t total = 0;
@@ -113,24 +188,41 @@ void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* 
     // A ring of kDiscreteAhead + 1 items' rows and weights.
     std::vector<const scalar_t*> rows((kDiscreteAhead + 1) * points);
     std::vector<acc_t> weight((kDiscreteAhead + 1) * points);
-    auto compute = [&](int64_t item) {
-      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
-      const int64_t m = item % p.M, n = item / p.M / p.Lq;
-      const scalar_t* head = value + n * p.S * row_stride + m * p.D;
+    std::vector<int64_t> item_rows(points);
+    std::vector<int32_t> scratch(table.scratch_size());
+    // The next item to compute, its head m and batch n, and its ring slot,
+    // advanced by counting: 64-bit divisions per item cost as much as its gather.
+    int64_t next = begin, next_m = begin % p.M, next_q = begin / p.M % p.Lq, next_n = begin / p.M / p.Lq;
+    int64_t next_slot = 0;
+    auto compute_next = [&]() {
+      const int64_t slot = next_slot * points;
+      const scalar_t* head = value + next_n * p.S * row_stride + next_m * p.D;
+      table.rows(loc + 2 * next * points, item_rows.data(), scratch.data());
+      const acc_t* item_attn = attn + next * points;
       for (int64_t i = 0; i < points; ++i) {
-        const int64_t r = table.row(i, loc + 2 * item * points);
+        const int64_t r = item_rows[i];
         // A NaN point gets weight 0 and the zero row, so even a NaN or inf
         // attention weight contributes exactly zero.
         rows[slot + i] = r < 0 ? zeros.data() : head + r * row_stride;
-        weight[slot + i] = r < 0 ? acc_t(0) : attn[item * points + i];
+        weight[slot + i] = r < 0 ? acc_t(0) : item_attn[i];
         prefetch_range(rows[slot + i], prefetch_bytes);
       }
+      ++next;
+      next_slot = next_slot == kDiscreteAhead ? 0 : next_slot + 1;
+      if (++next_m == p.M) {
+        next_m = 0;
+        if (++next_q == p.Lq) {
+          next_q = 0;
+          ++next_n;
+        }
+      }
     };
-    for (int64_t item = begin; item < std::min(end, begin + kDiscreteAhead); ++item) compute(item);
+    while (next < std::min(end, begin + kDiscreteAhead)) compute_next();
+    int64_t slot = 0;
     for (int64_t item = begin; item < end; ++item) {
-      if (item + kDiscreteAhead < end) compute(item + kDiscreteAhead);
-      const int64_t slot = (item - begin) % (kDiscreteAhead + 1) * points;
-      gather_item(weight.data() + slot, rows.data() + slot, points, p.D, out + item * p.D);
+      if (next < end) compute_next();
+      gather_item(weight.data() + slot * points, rows.data() + slot * points, points, p.D, out + item * p.D);
+      slot = slot == kDiscreteAhead ? 0 : slot + 1;
     }
   });
 }
@@ -180,24 +272,27 @@ __attribute__((noinline)) void discrete_backward_tasks(
   const Problem& p = layout.p;
   const int64_t points = p.L, row_stride = p.M * p.D;
   const int64_t all_points = p.N * p.Lq * p.M * points;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task % blocks.count;
-      const int64_t m = task / blocks.count % p.M, n = task / blocks.count / p.M;
-      const int64_t c0 = block * blocks.width, width = std::min(blocks.width, p.D - c0);
-      const int64_t head = n * p.S * row_stride + m * p.D + c0;
-      acc_t* g_attn = blocks.count > 1 ? partial + block * all_points : grad_attn;
-      for (int64_t q = 0; q < p.Lq; ++q) {
-        const int64_t item = (n * p.Lq + q) * p.M + m;
-        const acc_t* go = grad_out + item * p.D + c0;
-        for (int64_t i = 0; i < points; ++i) {
-          const int64_t idx = item * points + i;
-          const int64_t r = table.row(i, loc + 2 * item * points);
-          g_attn[idx] = r < 0 ? acc_t(0)
-                              : scatter_and_dot_row(value + head + r * row_stride, grad_value + head + r * row_stride,
-                                                    go, attn[idx], width);
-        }
+  std::vector<int64_t> item_rows(points);
+  std::vector<int32_t> scratch(table.scratch_size());
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t block = task % blocks.count;
+    const int64_t m = task / blocks.count % p.M, n = task / blocks.count / p.M;
+    const int64_t c0 = block * blocks.width, width = std::min(blocks.width, p.D - c0);
+    const int64_t head = n * p.S * row_stride + m * p.D + c0;
+    acc_t* g_attn = blocks.count > 1 ? partial + block * all_points : grad_attn;
+    for (int64_t q = 0; q < p.Lq; ++q) {
+      const int64_t item = (n * p.Lq + q) * p.M + m;
+      const acc_t* go = grad_out + item * p.D + c0;
+      table.rows(loc + 2 * item * points, item_rows.data(), scratch.data());
+      for (int64_t i = 0; i < points; ++i) {
+        const int64_t idx = item * points + i;
+        const int64_t r = item_rows[i];
+        g_attn[idx] = r < 0 ? acc_t(0)
+                            : scatter_and_dot_row(value + head + r * row_stride, grad_value + head + r * row_stride,
+                                                  go, attn[idx], width);
       }
     }
+  }
 }
 
 // grad_value must be zeroed by the caller; grad_attn is written whole.

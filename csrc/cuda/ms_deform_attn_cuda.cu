@@ -7,12 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#define MSDA_LAUNCH(kernel, grid, block, shared_bytes, stream, ...)  \
-  do {                                                               \
-    kernel<<<(grid), (block), (shared_bytes), (stream)>>>(__VA_ARGS__); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                  \
-  } while (0)
-
+#include "cuda/launch_check.h"
 #include "cuda/ms_deform_attn_launch.h"
 
 namespace msda {

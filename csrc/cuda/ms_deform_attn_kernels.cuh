@@ -69,6 +69,23 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& x) {
 #endif
 }
 
+// acc[i] += a * x[i] over a pack of VEC channels read at p.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void add_scaled_pack(acc_t (&acc)[VEC], acc_t a, const scalar_t* p) {
+  const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] += a * static_cast<acc_t>(x.v[i]);
+}
+
+// The VEC accumulators converted to scalar_t and stored at p.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void store_acc_pack(scalar_t* p, const acc_t (&acc)[VEC]) {
+  Pack<scalar_t, VEC> o;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o.v[i] = static_cast<scalar_t>(acc[i]);
+  store_pack<scalar_t, VEC>(p, o);
+}
+
 // a / b for a >= 0, b >= 1, without 64-bit integer division: on the GPU that
 // is a subroutine call, and the registers saved around it show up as spills.
 // 32-bit division when both fit (always, in practice), else shift-and-subtract.
@@ -191,18 +208,11 @@ __global__ void ms_deform_attn_forward_kernel(
         const acc_t a = hq_attn[lp];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          if (!cn.ok[k]) continue;
-          const acc_t aw = a * cn.w[k];
-          const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(v + cn.row[k] * row_stride);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[i] += aw * static_cast<acc_t>(x.v[i]);
+          if (cn.ok[k]) add_scaled_pack<scalar_t, acc_t, VEC>(acc, a * cn.w[k], v + cn.row[k] * row_stride);
         }
       }
     }
-    Pack<scalar_t, VEC> o;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) o.v[i] = static_cast<scalar_t>(acc[i]);
-    store_pack<scalar_t, VEC>(out + hq * D + c, o);
+    store_acc_pack<scalar_t, acc_t, VEC>(out + hq * D + c, acc);
   }
 }
 
@@ -260,6 +270,13 @@ __device__ __forceinline__ acc_t segment_sum(acc_t x, unsigned mask, int width) 
   return x;
 }
 
+// The mask of this thread's aligned segment of `width` lanes (a power of two <= 32).
+__device__ __forceinline__ unsigned segment_mask(int width) {
+  const int lane = threadIdx.x % kWarpSize;
+  const unsigned segment_bits = width == kWarpSize ? 0xffffffffu : ((1u << width) - 1u);
+  return segment_bits << (lane & ~(width - 1));
+}
+
 // Backward for D/VEC <= 32 channel groups: a head-query is an aligned segment
 // of `width` lanes (the next power of two >= D/VEC; lanes past D/VEC only add
 // zeros). Location and weight gradients are reduced with warp shuffles and
@@ -273,9 +290,7 @@ __global__ void ms_deform_attn_backward_warp_kernel(
   const int64_t groups = D / VEC;
   const int64_t total = HQ * width;
   const int64_t row_stride = M * D;
-  const int lane = threadIdx.x % kWarpSize;
-  const unsigned segment_bits = width == kWarpSize ? 0xffffffffu : ((1u << width) - 1u);
-  const unsigned mask = segment_bits << (lane & ~(width - 1));
+  const unsigned mask = segment_mask(width);
   // total and the stride are multiples of width, so a segment iterates together.
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {

@@ -50,15 +50,9 @@ __global__ void v2_discrete_forward_kernel(const scalar_t* __restrict__ value, c
       const int64_t point = hq * T + i;
       const int64_t row = discrete_row(shapes, starts, i, S, loc[2 * point], loc[2 * point + 1]);
       if (row < 0) continue;
-      const acc_t a = attn[point];
-      const Pack<scalar_t, VEC> x = load_pack<scalar_t, VEC>(v + row * row_stride);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += a * static_cast<acc_t>(x.v[k]);
+      add_scaled_pack<scalar_t, acc_t, VEC>(acc, attn[point], v + row * row_stride);
     }
-    Pack<scalar_t, VEC> o;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(acc[k]);
-    store_pack<scalar_t, VEC>(out + hq * D + c, o);
+    store_acc_pack<scalar_t, acc_t, VEC>(out + hq * D + c, acc);
   }
 }
 
@@ -75,9 +69,7 @@ __global__ void v2_discrete_backward_kernel(const scalar_t* __restrict__ value, 
   const int64_t groups = D / VEC;
   const int64_t total = HQ * width;
   const int64_t row_stride = M * D;
-  const int lane = threadIdx.x % kWarpSize;
-  const unsigned segment_bits = width == kWarpSize ? 0xffffffffu : ((1u << width) - 1u);
-  const unsigned mask = segment_bits << (lane & ~(width - 1));
+  const unsigned mask = segment_mask(width);
   // total and the stride are multiples of width, so a segment iterates together.
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {

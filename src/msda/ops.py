@@ -114,6 +114,17 @@ def _backward(ctx, grad_output):
     )
 
 
+def _fake_gradients(
+    value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a backward fake kernel returns: contiguous tensors shaped like
+    the three differentiable inputs (v1 and v2 ops alike)."""
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (value, sampling_locations, attention_weights)
+    )
+
+
 def _refuse_double_backward(ctx, *grads):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
@@ -139,11 +150,7 @@ def _register() -> None:
         # The Meta dispatch key wins over CPU: a meta grad_output with CPU
         # inputs lands here, and must not come back as uninitialised CPU tensors.
         check_grad_output(value, sampling_locations, grad_output)
-        return (
-            torch.empty_like(value, memory_format=torch.contiguous_format),
-            torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
-            torch.empty_like(attention_weights, memory_format=torch.contiguous_format),
-        )
+        return _fake_gradients(value, sampling_locations, attention_weights)
 
     torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
     torch.library.register_autograd(backward_op, _refuse_double_backward, setup_context=_setup_nothing)

@@ -26,7 +26,7 @@ from . import _extension
 from . import onnx as _onnx_export
 from .checks import check_grad_output
 from .checks_v2 import check_inputs_v2
-from .ops import FORWARD_AD_ERROR, _refuse_double_backward, _setup_nothing, ms_deform_attn
+from .ops import FORWARD_AD_ERROR, _fake_gradients, _refuse_double_backward, _setup_nothing, ms_deform_attn
 from .reference_v2 import ms_deform_attn_v2_reference
 
 __all__ = ["ms_deform_attn_v2"]
@@ -175,11 +175,7 @@ def _register() -> None:
         )
         # A meta grad_output with CPU inputs lands here (Meta wins over CPU).
         check_grad_output(value, sampling_locations, grad_output)
-        return (
-            torch.empty_like(value, memory_format=torch.contiguous_format),
-            torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
-            torch.empty_like(attention_weights, memory_format=torch.contiguous_format),
-        )
+        return _fake_gradients(value, sampling_locations, attention_weights)
 
     torch.library.register_autograd(_FORWARD_OP, _backward, setup_context=_setup_context)
     torch.library.register_autograd(_BACKWARD_OP, _refuse_double_backward, setup_context=_setup_nothing)

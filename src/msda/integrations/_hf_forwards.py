@@ -16,7 +16,7 @@ from torch import nn
 
 from ..ops import ms_deform_attn
 from ..ops_v2 import ms_deform_attn_v2
-from ._shared import attention_from_shapes, match_dtype, sampling_locations, shapes_and_starts
+from ._shared import any_true, attention_from_shapes, match_dtype, sampling_locations, shapes_and_starts
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -143,7 +143,9 @@ def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple
         if attention_mask is not None:
             # transformers' attention_mask is True at valid pixels (msda's
             # MSDeformAttn takes the opposite, a padding mask): invert it.
-            value = value.masked_fill(~attention_mask[..., None], float(0))
+            padding = ~attention_mask
+            if any_true(padding):  # no padded pixel: the fill would copy value unchanged
+                value = value.masked_fill(padding[..., None], float(0))
         value = value.view(batch_size, sequence_length, M, self.d_model // M)
         offsets = self.sampling_offsets(hidden_states).view(batch_size, num_queries, M, L, P, 2)
         weights = self.attention_weights(hidden_states).view(batch_size, num_queries, M, L * P)

@@ -10,7 +10,7 @@ import torch
 
 from ..ops import ms_deform_attn
 
-__all__ = ["match_dtype", "shapes_and_starts", "attention_from_shapes", "sampling_locations"]
+__all__ = ["match_dtype", "shapes_and_starts", "attention_from_shapes", "sampling_locations", "any_true"]
 
 
 def match_dtype(value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,25 @@ def attention_from_shapes(
     )
 
 
+def any_true(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` may hold a True, asked only where asking is free: a CPU
+    tensor in eager mode. Elsewhere the answer is True (may), since reading the
+    values would sync a GPU, break a ``torch.compile`` graph, or bake one
+    input's answer into a traced or exported graph.
+
+    The modules mask the value at padded pixels with a full copy of it
+    (``masked_fill``); where no pixel is padded, skipping it is exact."""
+    if (
+        type(mask) is not torch.Tensor  # a subclass or a tracer's proxy: not a plain value to read
+        or mask.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    ):
+        return True
+    return bool(mask.any())
+
+
 def sampling_locations(
     reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor, n_points: int
 ) -> torch.Tensor:
@@ -63,7 +82,10 @@ def sampling_locations(
     elements at a time. Here the same operations, in the same order and with
     the same dtype promotions, run on a (N, Lq, M, L*P*2) view whose operands
     broadcast only over M, so each one is a contiguous row of L*P*2: equal
-    bits, several times faster at the encoder's shapes.
+    bits, several times faster at the encoder's shapes. Where the steps'
+    result already has the final dtype, the last steps run in place on it
+    (fewer passes over, and allocations of, a tensor as large as the offsets);
+    autograd saves none of the tensors they overwrite.
     """
     N, Lq, M, L, P, _ = offsets.shape
     flat = offsets.reshape(N, Lq, M, L * P * 2)
@@ -74,11 +96,34 @@ def sampling_locations(
         normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
         normalizer = normalizer[:, None, :].expand(L, P, 2).reshape(L * P * 2)
         base = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        locations = base + flat / normalizer
+        if flat.dtype in (torch.float32, torch.float64) and base.dtype == flat.dtype and not (
+            torch.is_grad_enabled() and (flat.requires_grad or base.requires_grad)
+        ):
+            # One pass: addcdiv computes base + 1 * (flat / normalizer), the
+            # same bits (the sizes are exact in the offsets' dtype). Not with
+            # a gradient: addcdiv's multiplies by 1 / normalizer instead.
+            locations = torch.addcdiv(base, flat, normalizer.to(flat.dtype))
+        else:
+            step = flat / normalizer
+            # base + step, in place where step already has the result's dtype
+            # (addition commutes bitwise; autograd saved only the divisor).
+            locations = step.add_(base) if _same_result_dtype(step, base) else base + step
     elif reference_points.shape[-1] == 4:
         base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
         size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        locations = base + flat / n_points * size * 0.5
+        step = flat / n_points
+        in_place = _same_result_dtype(step, size) and _same_result_dtype(step, base)
+        # mul_ would have to save step for size's gradient: in place only without one.
+        if in_place and not (torch.is_grad_enabled() and size.requires_grad):
+            locations = step.mul_(size).mul_(0.5).add_(base)
+        else:
+            locations = base + step * size * 0.5
     else:
         raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
     return locations.view(N, Lq, M, L, P, 2)
+
+
+def _same_result_dtype(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Both have dimensions, so promotion is by dtype alone (and, unlike
+    # torch.result_type, this traces under torch.compile).
+    return torch.promote_types(a.dtype, b.dtype) == a.dtype

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..function import MSDeformAttnFunction
 from ..ops import ms_deform_attn
-from ._shared import attention_from_shapes, sampling_locations
+from ._shared import any_true, attention_from_shapes, sampling_locations
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -157,7 +157,7 @@ class MultiScaleDeformableAttention(nn.Module):
         M, L, P = self.num_heads, self.num_levels, self.num_points
 
         value = self.value_proj(value)
-        if key_padding_mask is not None:
+        if key_padding_mask is not None and any_true(key_padding_mask):  # none padded: the fill copies value
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(bs, num_value, M, -1)
         offsets = self.sampling_offsets(query).view(bs, num_query, M, L, P, 2)
