@@ -20,10 +20,7 @@ import torch
 
 from examples.deformable_detr import export as export_cli
 from examples.deformable_detr import predict as predict_cli
-from examples.deformable_detr.checkpoint import save_checkpoint
-from examples.deformable_detr.configs import tiny_config
-from examples.deformable_detr.deformable_detr import build_model
-from test_onnx_detector import images
+from detector_cases import images, tiny_detector
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def package(tmp_path_factory):
     """(eager model, checkpoint path, package path)."""
     directory = tmp_path_factory.mktemp("aoti_detector")
-    torch.manual_seed(0)
-    model = build_model(tiny_config("base", enc_layers=1, dec_layers=1)).eval()
-    with torch.no_grad():  # move off the initialisation so boxes and classes differ between queries
-        for p in model.transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    checkpoint = str(directory / "tiny.pth")
-    save_checkpoint(checkpoint, model)
+    model, checkpoint = tiny_detector(directory)
     path = str(directory / "tiny.pt2")
     argv = [checkpoint, "--format", "aoti", "--quick-compile", "--output", path, "--height", "96", "--width", "128",
             "--no-check"]

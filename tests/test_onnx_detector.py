@@ -11,16 +11,13 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
 from examples.deformable_detr import export as export_cli  # noqa: E402
 from examples.deformable_detr import predict as predict_cli  # noqa: E402
 from examples.deformable_detr.api import Detector  # noqa: E402
-from examples.deformable_detr.checkpoint import save_checkpoint  # noqa: E402
-from examples.deformable_detr.configs import tiny_config  # noqa: E402
-from examples.deformable_detr.deformable_detr import build_model  # noqa: E402
+from detector_cases import images, tiny_detector  # noqa: E402
 
 ATOL = 1e-4
 PREDICT_SIZE = dict(short_side=96, max_size=160)
@@ -30,26 +27,11 @@ PREDICT_SIZE = dict(short_side=96, max_size=160)
 def exported(tmp_path_factory):
     """(eager model, checkpoint path, ONNX path)."""
     directory = tmp_path_factory.mktemp("detector")
-    torch.manual_seed(0)
-    model = build_model(tiny_config("base", enc_layers=1, dec_layers=1)).eval()
-    with torch.no_grad():  # move off the initialisation so boxes and classes differ between queries
-        for p in model.transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    checkpoint = str(directory / "tiny.pth")
-    save_checkpoint(checkpoint, model)
+    model, checkpoint = tiny_detector(directory)
     onnx_path = str(directory / "tiny.onnx")
     status = export_cli.main([checkpoint, "--format", "onnx", "--output", onnx_path, "--height", "96", "--width", "128"])
     assert status == 0
     return model, checkpoint, onnx_path
-
-
-def images(seed: int) -> list[Image.Image]:
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [(120, 90), (70, 130)]  # (width, height): different aspect ratios, so the batch is padded
-    return [
-        Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy())
-        for w, h in sizes
-    ]
 
 
 @pytest.mark.parametrize("batch,height,width", [(1, 96, 128), (2, 80, 144), (3, 130, 70)])
