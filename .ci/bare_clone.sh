@@ -22,7 +22,7 @@ cd "$work/msda"
 # is only the clone (msda is installed from it, not linked).
 export MSDA_VENV="${MSDA_VENV:-$ROOT/.venv}"
 t0=$(date +%s)
-bash scripts/test.sh
+MSDA_FILE_TIMES=1 bash scripts/test.sh
 echo "=== bare_clone: tests done in $(( $(date +%s) - t0 )) s"
 t0=$(date +%s)
 bash .ci/wheel_check.sh
