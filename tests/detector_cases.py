@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+
+import pytest
 import torch
 from PIL import Image
 
@@ -30,3 +34,25 @@ def images(seed: int) -> list[Image.Image]:
         Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy())
         for w, h in sizes
     ]
+
+
+# The predict command's size and threshold for the tiny detector's test images.
+PREDICT_ARGS = ["--short-side", "96", "--max-size", "160", "--threshold", "0.0"]
+
+
+def saved_images(directory: pathlib.Path, seed: int) -> list[str]:
+    """images(seed) saved as PNG files in ``directory``; their paths."""
+    paths = []
+    for i, image in enumerate(images(seed)):
+        paths.append(str(directory / f"img{i}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def assert_same_detections(got_dir: pathlib.Path, want_dir: pathlib.Path, count: int, atol: float) -> None:
+    """The predict command's JSON for images img0..img{count-1}: as many detections, scores within atol."""
+    for i in range(count):
+        got = json.loads((got_dir / f"img{i}.json").read_text())["detections"]
+        want = json.loads((want_dir / f"img{i}.json").read_text())["detections"]
+        assert len(got) == len(want) > 0
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=atol)

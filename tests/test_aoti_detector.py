@@ -9,7 +9,6 @@ PyTorch within 1e-4 at the export size and two others, and ``predict --backend a
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import torch
 
 from examples.deformable_detr import export as export_cli
 from examples.deformable_detr import predict as predict_cli
-from detector_cases import images, tiny_detector
+from detector_cases import PREDICT_ARGS, assert_same_detections, saved_images, tiny_detector
 
 pytestmark = pytest.mark.slow
 
@@ -75,17 +74,12 @@ def test_raw_outputs_in_fresh_process_match_eager(package, tmp_path):
 
 def test_predict_command_with_aoti(package, tmp_path):
     _, checkpoint, path = package
-    paths = []
-    for i, image in enumerate(images(2)):
-        paths.append(str(tmp_path / f"img{i}.png"))
-        image.save(paths[-1])
-    size = ["--short-side", "96", "--max-size", "160", "--threshold", "0.0"]
+    paths = saved_images(tmp_path, 2)
     module = "examples.deformable_detr.predict"
-    done = run_fresh(["-m", module, path, *paths, "--backend", "aoti", "--output-dir", str(tmp_path / "aoti"), *size])
+    done = run_fresh(
+        ["-m", module, path, *paths, "--backend", "aoti", "--output-dir", str(tmp_path / "aoti"), *PREDICT_ARGS]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert predict_cli.main([checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *size]) == 0
-    for i in range(len(paths)):
-        got = json.loads((tmp_path / "aoti" / f"img{i}.json").read_text())["detections"]
-        want = json.loads((tmp_path / "torch" / f"img{i}.json").read_text())["detections"]
-        assert len(got) == len(want) > 0
-        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=ATOL)
+    torch_args = [checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *PREDICT_ARGS]
+    assert predict_cli.main(torch_args) == 0
+    assert_same_detections(tmp_path / "aoti", tmp_path / "torch", len(paths), ATOL)

@@ -7,7 +7,6 @@ sizes, the post-processed detections, and ``predict --backend onnxruntime``.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ pytest.importorskip("onnxruntime")
 from examples.deformable_detr import export as export_cli  # noqa: E402
 from examples.deformable_detr import predict as predict_cli  # noqa: E402
 from examples.deformable_detr.api import Detector  # noqa: E402
-from detector_cases import images, tiny_detector  # noqa: E402
+from detector_cases import PREDICT_ARGS, assert_same_detections, images, saved_images, tiny_detector  # noqa: E402
 
 ATOL = 1e-4
 PREDICT_SIZE = dict(short_side=96, max_size=160)
@@ -61,18 +60,12 @@ def test_detections_match_eager(exported):
 
 def test_predict_command_with_onnxruntime(exported, tmp_path):
     model, checkpoint, onnx_path = exported
-    paths = []
-    for i, image in enumerate(images(2)):
-        paths.append(str(tmp_path / f"img{i}.png"))
-        image.save(paths[-1])
-    size = ["--short-side", "96", "--max-size", "160", "--threshold", "0.0"]
-    assert predict_cli.main([onnx_path, *paths, "--backend", "onnxruntime", "--output-dir", str(tmp_path / "onnx"), *size]) == 0
-    assert predict_cli.main([checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *size]) == 0
-    for i in range(len(paths)):
-        got = json.loads((tmp_path / "onnx" / f"img{i}.json").read_text())["detections"]
-        want = json.loads((tmp_path / "torch" / f"img{i}.json").read_text())["detections"]
-        assert len(got) == len(want) > 0
-        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=ATOL)
+    paths = saved_images(tmp_path, 2)
+    onnx_args = [onnx_path, *paths, "--backend", "onnxruntime", "--output-dir", str(tmp_path / "onnx"), *PREDICT_ARGS]
+    assert predict_cli.main(onnx_args) == 0
+    torch_args = [checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *PREDICT_ARGS]
+    assert predict_cli.main(torch_args) == 0
+    assert_same_detections(tmp_path / "onnx", tmp_path / "torch", len(paths), ATOL)
 
 
 def test_predict_refuses_autocast_with_exported_file(exported, tmp_path, capsys):
