@@ -33,6 +33,15 @@ from examples.deformable_detr.deformable_detr import build_model  # noqa: E402
 from examples.deformable_detr.reference_op import reference_op  # noqa: E402
 
 
+def write_result(path: str, result: dict) -> None:
+    """Write a benchmark's result as JSON, stamped with the UTC date, and say where."""
+    result["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
 def machine() -> dict:
     info = {
         "platform": platform.platform(),
@@ -107,7 +116,7 @@ def main() -> None:
     speedup = medians["reference op"] / medians["msda kernels"]
     print(f"Deformable DETR ({args.variant}, R50) inference, batch {args.batch}, {args.height}x{args.width}, "
           f"{device.type}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| op | median s | runs (s) |\n| --- | --- | --- |")
+    print("| op | median s | runs (s) |\n| --- | --- | --- |")
     for name in configs:
         print(f"| {name} | {medians[name]:.3f} | {', '.join(f'{t:.3f}' for t in times[name])} |")
     print(f"speed-up of the whole model: {speedup:.2f}x; max |output difference| {diff:.2e}")
@@ -123,12 +132,8 @@ def main() -> None:
         "speedup": speedup,
         "max_abs_output_diff": diff,
         "machine": machine(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
-from detr_inference import machine  # noqa: E402
+from detr_inference import machine, write_result  # noqa: E402
 
 from examples.deformable_detr import export as deploy  # noqa: E402
 from examples.deformable_detr.configs import config_for_variant  # noqa: E402
@@ -109,12 +109,8 @@ def main() -> None:
         "rows": rows,
         "machine": machine(),
         "onnxruntime": __import__("onnxruntime").__version__,
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":
