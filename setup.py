@@ -41,6 +41,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +53,28 @@ DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 # which names the torch the wheel is built for; failing there (no torch in
 # the build environment) stops `pip install .` before pip downloads a torch.
 METADATA_ONLY = {"sdist", "egg_info", "--version", "--name", "check", "clean"}
+
+
+# pyproject.toml's `license = "Apache-2.0"` and `license-files` need setuptools 77 (PEP 639);
+# older ones reject them with a schema error about `project.license` that does not say so.
+MIN_SETUPTOOLS = 77
+
+
+def _check_setuptools(version: str) -> None:
+    """Stop with msda's own message under a setuptools older than MIN_SETUPTOOLS. Runs before
+    setup(), which is where setuptools validates pyproject.toml."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return  # an unusual version string: let setuptools itself decide
+    if major < MIN_SETUPTOOLS:
+        sys.stderr.write(
+            f"\nmsda: building needs setuptools>={MIN_SETUPTOOLS}; this environment has setuptools {version}\n"
+            "(with --no-build-isolation, pip uses the setuptools installed here). Upgrade it, then build again:\n\n"
+            f'    pip install "setuptools>={MIN_SETUPTOOLS}"\n'
+            "    pip install --no-build-isolation .\n\n"
+        )
+        raise SystemExit(1)
 
 
 def _env_flag(name: str) -> bool:
@@ -286,6 +309,7 @@ def _extensions():
     return version, requires, [ext], {"build_ext": build_ext}
 
 
+_check_setuptools(setuptools.__version__)
 if any(arg in METADATA_ONLY for arg in sys.argv[1:]):
     # The sources, not a build: plain version, any torch.
     version, install_requires, ext_modules, cmdclass = _read_version(), ["torch", "numpy"], [], {}
