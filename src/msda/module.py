@@ -153,6 +153,12 @@ class MSDeformAttn(nn.Module):
         if query.dim() != 3 or query.shape[2] != d:
             raise ValueError(f"query must have shape (N, Lq, d_model={d}), got {tuple(query.shape)}")
         N, Lq = query.shape[:2]
+        if input_flatten.dim() == 3 and input_flatten.shape[0] != N and _looks_sequence_first(query, reference_points,
+                                                                                              input_flatten):
+            raise ValueError(
+                f"query must be batch first, (N, Lq, d_model={d}); got {tuple(query.shape)}, which looks "
+                f"sequence first (Lq, N, d_model): pass query.transpose(0, 1)"
+            )
         if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[2] != d:
             raise ValueError(
                 f"input_flatten must have shape (N={N}, S, d_model={d}), got {tuple(input_flatten.shape)}"
@@ -178,3 +184,12 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"input_padding_mask must have shape (N, S) = ({N}, {S}), got {tuple(input_padding_mask.shape)}"
             )
+
+
+def _looks_sequence_first(query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor) -> bool:
+    """A (Lq, N, d) query: its second size is the batch that reference_points or input_flatten has
+    (so the error names the query, not input_flatten whose batch disagrees with it)."""
+    batch = query.shape[1]
+    if reference_points.dim() == 4 and tuple(reference_points.shape[:2]) == (batch, query.shape[0]):
+        return True
+    return input_flatten.shape[0] == batch
