@@ -3,8 +3,9 @@
 One export through the command line (``python -m examples.deformable_detr.export CKPT --format
 aoti --quick-compile``: dynamic batch and image size, unoptimised kernels so that it compiles in
 about a minute), then in new Python processes: the raw per-query logits and boxes against eager
-PyTorch within 1e-4 at the export size and two others, and ``predict --backend aoti`` against
-``predict`` on the checkpoint.
+PyTorch within 1e-4 at the export size and two others, and ``predict`` on the package against
+``predict`` on the checkpoint: the package carries the checkpoint's image size rule and class names
+(the demo's 128/213 and shape names), so the two agree with no option given.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from examples.deformable_detr import export as export_cli
 from examples.deformable_detr import predict as predict_cli
-from detector_cases import PREDICT_ARGS, assert_same_detections, saved_images, tiny_detector
+from examples.deformable_detr.inference_settings import from_metadata
+from detector_cases import CLASS_NAMES, PREDICT_ARGS, assert_same_detections, saved_images, tiny_detector
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +53,10 @@ RAW_OUTPUTS = """
     import sys
     import torch
     from examples.deformable_detr import export
-    model = export.load_exported(sys.argv[1], "aoti")  # imports msda (examples' modules), then the package
+    model = export.load_exported(sys.argv[1])  # .pt2: aoti; imports msda (examples' modules), then the package
     with torch.no_grad():
         outputs = [model(*export.example_inputs(h, w, b)) for b, h, w in {sizes}]
-    torch.save(outputs, sys.argv[2])
+    torch.save({{"outputs": outputs, "metadata": model.metadata}}, sys.argv[2])
 """
 
 
@@ -63,7 +65,10 @@ def test_raw_outputs_in_fresh_process_match_eager(package, tmp_path):
     out_path = str(tmp_path / "outputs.pt")
     done = run_fresh(["-c", textwrap.dedent(RAW_OUTPUTS.format(sizes=SIZES)), path, out_path])
     assert done.returncode == 0, done.stderr[-3000:]
-    got = torch.load(out_path)
+    saved = torch.load(out_path)
+    got = saved["outputs"]
+    settings = from_metadata(saved["metadata"])
+    assert (settings.short_side, settings.max_size, list(settings.class_names)) == (128, 213, CLASS_NAMES)
     with torch.no_grad():
         for (batch, height, width), outputs in zip(SIZES, got):
             want = model(*export_cli.example_inputs(height, width, batch))
@@ -76,10 +81,9 @@ def test_predict_command_with_aoti(package, tmp_path):
     _, checkpoint, path = package
     paths = saved_images(tmp_path, 2)
     module = "examples.deformable_detr.predict"
-    done = run_fresh(
-        ["-m", module, path, *paths, "--backend", "aoti", "--output-dir", str(tmp_path / "aoti"), *PREDICT_ARGS]
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # no --backend: .pt2 is an AOTInductor package; no size or names: the ones it records
+    done = run_fresh(["-m", module, path, *paths, "--output-dir", str(tmp_path / "aoti"), *PREDICT_ARGS])
+    assert done.returncode == 0 and "note:" not in done.stderr, done.stderr[-3000:]
     torch_args = [checkpoint, *paths, "--device", "cpu", "--output-dir", str(tmp_path / "torch"), *PREDICT_ARGS]
     assert predict_cli.main(torch_args) == 0
     assert_same_detections(tmp_path / "aoti", tmp_path / "torch", len(paths), ATOL)

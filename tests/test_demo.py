@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
 from PIL import Image
 
 from examples.deformable_detr import demo, predict, train
+from examples.deformable_detr.api import Detector, build_variant
+from examples.deformable_detr.checkpoint import CheckpointError
 from examples.deformable_detr.data import SHAPES
 from examples.deformable_detr.draw import draw_detections
 
@@ -56,6 +59,19 @@ def test_demo_saves_a_checkpoint_that_its_predict_command_runs_on(tmp_path, caps
         for d in r["detections"]:
             x0, y0, x1, y1 = d["box_xyxy"]
             assert 0 <= x0 <= x1 <= r["width"] and 0 <= y0 <= y1 <= r["height"], d
+
+    # the API reads what the checkpoint records: its sizes, image size rule and class names
+    checkpoint = results["checkpoint"]
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    assert (detector.short_side, detector.max_size) == (64, round(1333 * 64 / 800))
+    assert detector.class_names == ["background", *SHAPES[:num_classes]]
+    assert build_variant(results["variant"], checkpoint).config == detector.model.config
+    other = "two_stage" if results["variant"] != "two_stage" else "base"
+    with pytest.raises(CheckpointError) as info:
+        build_variant(other, checkpoint)
+    message = str(info.value)
+    assert f"the checkpoint is variant {results['variant']!r}, the model is {other!r}" in message
+    assert len(message) < 1500 and " more" in message, message
 
 
 def test_captions_stay_inside_the_picture():

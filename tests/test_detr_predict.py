@@ -136,12 +136,44 @@ def test_api_accepts_pil_and_tensors(checkpoint):
 
 
 def test_build_variant_and_load(checkpoint):
-    model = build_variant("box_refine", checkpoint, **{k: v for k, v in vars(tiny_config("box_refine")).items()
-                                                         if k not in ("with_box_refine", "two_stage")})
-    assert model.config.with_box_refine
-    with pytest.raises(CheckpointError, match="variant 'box_refine', the model is 'base'"):
-        build_variant("base", checkpoint, **{k: v for k, v in vars(tiny_config("base")).items()
-                                             if k not in ("with_box_refine", "two_stage")})
+    # the sizes come from the checkpoint: no need to repeat the tiny config
+    model = build_variant("box_refine", checkpoint)
+    assert model.config == tiny_config("box_refine")
+    assert build_variant("box_refine", checkpoint, dropout=0.0).config.dropout == 0.0  # overrides still apply
+    for other in ("base", "two_stage"):
+        with pytest.raises(CheckpointError) as info:
+            build_variant(other, checkpoint)
+        message = str(info.value)
+        assert f"the checkpoint is variant 'box_refine', the model is '{other}'" in message
+        # a few keys and a count, not every name in the state_dict
+        assert len(message) < 1500 and " more" in message, message
+
+
+def test_from_checkpoint_uses_the_recorded_size_and_names(tmp_path):
+    model = build_model(tiny_config("base", num_classes=3))
+    path = tmp_path / "demo_like.pth"
+    save_checkpoint(path, model, args={**vars(model.config), "class_names": ["background", "circle", "square"],
+                                       "short_side": 128, "max_size": 213})
+    detector = Detector.from_checkpoint(path, device="cpu")
+    assert (detector.short_side, detector.max_size) == (128, 213)
+    assert detector.class_names == ["background", "circle", "square"]
+    # keywords override what is recorded; None keeps it
+    other = Detector.from_checkpoint(path, device="cpu", short_side=96, max_size=None, class_names=["a", "b", "c"])
+    assert (other.short_side, other.max_size, other.class_names) == (96, 213, ["a", "b", "c"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8))
+    [result] = detector.predict(image, threshold=0.0)
+    assert set(result["names"]) <= {"background", "circle", "square"}
+
+
+def test_api_snippet_runs_as_written(tmp_path):
+    """The example's README snippet, on the CPU and with the image opened as shown."""
+    model = build_model(tiny_config("base"))
+    save_checkpoint(tmp_path / "checkpoint.pth", model)
+    make_image(tmp_path / "street.jpg", size=(120, 90))
+    detector = Detector.from_checkpoint(str(tmp_path / "checkpoint.pth"), device="cpu")
+    [result] = detector.predict(Image.open(str(tmp_path / "street.jpg")), threshold=0.0)
+    assert {"boxes", "scores", "labels", "names"} <= set(result)
+    assert result["boxes"].shape[1] == 4 and len(result["names"]) == len(result["scores"])
 
 
 def test_resize_rule_and_padding():

@@ -15,27 +15,53 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from .checkpoint import CheckpointError, config_from_checkpoint, infer_variant, load_weights, read_checkpoint, state_dict_of
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_fields,
+    config_from_checkpoint,
+    infer_variant,
+    load_weights,
+    read_checkpoint,
+    state_dict_of,
+)
 from .coco_names import COCO_NAMES
-from .configs import config_for_variant
+from .configs import STRUCTURE_FIELDS, config_for_variant
 from .deformable_detr import DeformableDETR, build_model
+from .inference_settings import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InferenceSettings,
+    default_class_names,
+    settings_from_args,
+)
+from .optional import needs_extra
 from .postprocess import PostProcess
+
+with needs_extra():
+    from PIL import Image
 
 __all__ = ["Detector", "build_variant", "preprocess", "resized_size"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageLike = Union[Image.Image, torch.Tensor]
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def build_variant(variant: str, checkpoint: Optional[str] = None, **overrides: Any) -> DeformableDETR:
-    """A model of a published variant (configs.VARIANTS), with weights from ``checkpoint`` if given."""
-    model = build_model(config_for_variant(variant, **overrides))
-    if checkpoint is not None:
-        load_weights(model, read_checkpoint(checkpoint), source=checkpoint)
+def build_variant(variant: str, checkpoint: Optional[str | os.PathLike] = None, **overrides: Any) -> DeformableDETR:
+    """A model of a published variant (configs.VARIANTS), with weights from ``checkpoint`` if given.
+
+    With a checkpoint, the sizes (layers, widths, queries, classes, backbone) are the checkpoint's,
+    read from its weights and saved settings; ``overrides`` change any field. A checkpoint of
+    another variant raises CheckpointError naming the variant its weights belong to."""
+    if checkpoint is None:
+        return build_model(config_for_variant(variant, **overrides))
+    ckpt = read_checkpoint(checkpoint)
+    fields = checkpoint_fields(ckpt)
+    if variant != infer_variant(state_dict_of(ckpt), ckpt.get("args")):
+        # the variant asked for decides the structure (load_weights then names the checkpoint's)
+        fields = {k: v for k, v in fields.items() if k not in STRUCTURE_FIELDS}
+    model = build_model(config_for_variant(variant, **{**fields, **overrides}))
+    load_weights(model, ckpt, source=os.fspath(checkpoint))
     return model
 
 
@@ -66,9 +92,15 @@ def _to_float_chw(image: ImageLike) -> torch.Tensor:
 
 
 def preprocess(
-    images: Sequence[ImageLike], short_side: int = 800, max_size: int = 1333, resize: bool = True
+    images: Sequence[ImageLike],
+    short_side: int = 800,
+    max_size: int = 1333,
+    resize: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Resize (as the original evaluation), normalise with ImageNet statistics and pad into a batch.
+    """Resize (as the original evaluation), normalise per channel (ImageNet statistics by default)
+    and pad into a batch.
 
     Returns:
         (batch (B, 3, H, W), mask (B, H, W) True at padding, original sizes (B, 2) as (h, w)).
@@ -87,9 +119,7 @@ def preprocess(
             if resize:
                 h, w = resized_size(x.shape[1], x.shape[2], short_side, max_size)
                 x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        tensors.append((x - mean) / std)
+        tensors.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
     height = max(t.shape[1] for t in tensors)
     width = max(t.shape[2] for t in tensors)
     batch = torch.zeros(len(tensors), 3, height, width)
@@ -109,6 +139,7 @@ class Detector:
         device: "cpu", "cuda", "cuda:1", ... or "auto" (CUDA when available).
         autocast: None, "float16" or "bfloat16": run the model under torch.autocast.
         short_side, max_size: the evaluation resize (800 and 1333 as the original).
+        mean, std: per-channel normalisation of RGB values in [0, 1] (ImageNet's by default).
     """
 
     def __init__(
@@ -119,8 +150,11 @@ class Detector:
         autocast: Optional[str] = None,
         short_side: int = 800,
         max_size: int = 1333,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self.short_side, self.max_size = short_side, max_size
+        self.mean, self.std = tuple(mean), tuple(std)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -140,6 +174,9 @@ class Detector:
         """Build the model a checkpoint needs and load it (strictly).
 
         ``variant``, when given, must be the checkpoint's: otherwise a CheckpointError names both.
+        The image size rule, normalisation and class names are those the checkpoint records (the
+        demo's checkpoints do), else the original's (800/1333, ImageNet statistics, COCO names);
+        the keywords of ``Detector`` override them (None keeps the checkpoint's).
         """
         ckpt = read_checkpoint(path)
         found = infer_variant(state_dict_of(ckpt), ckpt.get("args"))
@@ -153,9 +190,27 @@ class Detector:
         config = config_from_checkpoint(ckpt, dilation=found == "single_scale_dc5")
         model = build_model(config)
         load_weights(model, ckpt, source=os.fspath(path))
-        if config.num_classes != len(COCO_NAMES) and "class_names" not in kwargs:
-            kwargs["class_names"] = [str(i) for i in range(config.num_classes)]
+        return cls.with_settings(model, settings_from_args(ckpt.get("args")), config.num_classes, **kwargs)
+
+    @classmethod
+    def with_settings(
+        cls, model: Any, settings: InferenceSettings, num_classes: int, **kwargs: Any
+    ) -> "Detector":
+        """A Detector with ``settings``' preprocessing and class names, unless ``kwargs`` set them."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        for name in ("short_side", "max_size", "mean", "std"):
+            kwargs.setdefault(name, getattr(settings, name))
+        kwargs["class_names"] = default_class_names(num_classes, kwargs.get("class_names", settings.class_names))
         return cls(model, **kwargs)
+
+    @classmethod
+    def from_exported(cls, path: str | os.PathLike, backend: Optional[str] = None, **kwargs: Any) -> "Detector":
+        """A Detector around a file written by ``examples.deformable_detr.export``: ``.onnx`` runs in
+        onnxruntime, ``.pt2`` (AOTInductor) in this process; ``backend`` ("onnxruntime" or "aoti")
+        for other names. Preprocessing and class names are the ones the file records."""
+        from .export import exported_detector  # export imports this module
+
+        return exported_detector(os.fspath(path), backend, **kwargs)
 
     def _autocast_context(self):
         if self.autocast is None:
@@ -179,7 +234,9 @@ class Detector:
         batch_list = [images] if single else list(images)
         if not batch_list:
             return []
-        batch, mask, sizes = preprocess(batch_list, self.short_side, self.max_size, resize=resize)
+        batch, mask, sizes = preprocess(
+            batch_list, self.short_side, self.max_size, resize=resize, mean=self.mean, std=self.std
+        )
         with self._autocast_context():
             outputs = self.model(batch.to(self.device), mask.to(self.device))
         results = self.postprocess(outputs, sizes.to(self.device))

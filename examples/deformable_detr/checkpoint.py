@@ -25,6 +25,7 @@ __all__ = [
     "state_dict_of",
     "infer_variant",
     "variant_of_config",
+    "checkpoint_fields",
     "config_from_checkpoint",
     "load_weights",
     "save_checkpoint",
@@ -92,12 +93,12 @@ def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def config_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> DetrConfig:
-    """The DetrConfig that a checkpoint was trained with: structure and sizes from its tensors,
-    what tensors cannot tell (heads, DC5, dropout) from its ``args`` when present."""
+def checkpoint_fields(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The DetrConfig fields a checkpoint was trained with, except the variant's flags: sizes and
+    levels from its tensors, what tensors cannot tell (heads, DC5, dropout) from its ``args``."""
     state = state_dict_of(ckpt)
     args = ckpt.get("args")
-    variant = infer_variant(state, args)
+    infer_variant(state, args)  # a Deformable DETR state_dict at all?
     hidden_dim = state["transformer.level_embed"].shape[1]
     levels = state["transformer.level_embed"].shape[0]
     nheads = int(getattr(args, "nheads", 8))
@@ -132,7 +133,13 @@ def config_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> DetrConfig
         input_proj_groups=int(getattr(args, "input_proj_groups", 32)),
         aux_loss=bool(getattr(args, "aux_loss", True)),
     )
-    fields.update(overrides)
+    return fields
+
+
+def config_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> DetrConfig:
+    """The DetrConfig that a checkpoint was trained with (checkpoint_fields and its variant)."""
+    variant = infer_variant(state_dict_of(ckpt), ckpt.get("args"))
+    fields = {**checkpoint_fields(ckpt), **overrides}
     try:
         return config_for_variant(variant, **fields)
     except ValueError as exc:  # e.g. a backbone this example does not implement
@@ -147,12 +154,22 @@ def _reinit_class_heads(model: nn.Module) -> None:
         nn.init.constant_(head.bias, prior_bias)
 
 
+# Keys listed per kind in a mismatch error: a whole state_dict of names says less than a few and a count.
+_KEYS_SHOWN = 5
+
+
+def _some(keys: list[str]) -> str:
+    shown = repr(keys[:_KEYS_SHOWN])
+    return shown if len(keys) <= _KEYS_SHOWN else f"{shown} and {len(keys) - _KEYS_SHOWN} more"
+
+
 def load_weights(model: nn.Module, ckpt_or_state: dict[str, Any], source: str = "checkpoint") -> list[str]:
     """Load a checkpoint (dict with 'model') or a state_dict into ``model``, strictly.
 
     If only the number of classes differs, the class heads are re-initialised (for fine-tuning
     on another dataset) and a message says so. Any other difference raises CheckpointError
-    listing the missing, unexpected and mis-shaped keys, and naming both variants.
+    naming the variant the checkpoint's keys belong to and listing the first few missing,
+    unexpected and mis-shaped keys with their counts.
 
     Returns:
         messages describing what was adapted (empty when everything loaded as is).
@@ -177,11 +194,16 @@ def load_weights(model: nn.Module, ckpt_or_state: dict[str, Any], source: str = 
                 f"  the checkpoint is variant {theirs!r}, the model is {variant_of_config(config)!r} "
                 f"(build the model with variant {theirs!r})"
             )
-        lines.append(f"  missing keys ({len(missing)}): {missing}")
-        lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+        elif theirs is not None:
+            same = ", as the model's: the sizes differ" if config is not None else ""
+            lines.append(f"  the checkpoint's keys are those of variant {theirs!r}{same}")
+        else:
+            lines.append("  the checkpoint's keys are not those of a Deformable DETR variant")
+        lines.append(f"  missing keys ({len(missing)}): {_some(missing)}")
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_some(unexpected)}")
         if other_mismatch:
             shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in other_mismatch]
-            lines.append(f"  mis-shaped keys ({len(shapes)}): {shapes}")
+            lines.append(f"  mis-shaped keys ({len(shapes)}): {_some(shapes)}")
         raise CheckpointError("\n".join(lines))
     messages = []
     if class_mismatch:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DetrConfig", "VARIANTS", "config_for_variant", "tiny_config"]
+__all__ = ["DetrConfig", "VARIANTS", "STRUCTURE_FIELDS", "config_for_variant", "tiny_config"]
 
 
 @dataclass
@@ -71,6 +71,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "box_refine": dict(with_box_refine=True),
     "two_stage": dict(with_box_refine=True, two_stage=True),
 }
+
+# The fields that make one variant differ from another (the rest are sizes).
+STRUCTURE_FIELDS = frozenset(field for preset in VARIANTS.values() for field in preset)
 
 
 def config_for_variant(name: str, **overrides: Any) -> DetrConfig:

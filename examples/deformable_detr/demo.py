@@ -38,7 +38,6 @@ import time
 from typing import Any
 
 import torch
-from PIL import Image
 
 import msda
 from msda import _extension
@@ -53,6 +52,10 @@ from .losses import total_loss
 from .postprocess import PostProcess
 from .checkpoint import save_checkpoint
 from .train import DEFAULT_OUTPUT_ROOT, build_criterion, param_groups, seed_everything
+from .optional import needs_extra
+
+with needs_extra():
+    from PIL import Image
 
 __all__ = ["demo_config", "reference_op", "time_training_steps", "main"]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+
+from .optional import needs_extra
+
+with needs_extra():
+    from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["draw_detections"]
 

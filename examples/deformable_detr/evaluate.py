@@ -14,10 +14,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from . import distributed
+from .optional import needs_extra
+
+with needs_extra():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
 __all__ = ["STAT_NAMES", "CocoEvaluator", "coco_box_stats"]
 

@@ -2,7 +2,7 @@
 
     python -m examples.deformable_detr.export CHECKPOINT --format onnx [--tensorrt] [--output model.onnx]
     python -m examples.deformable_detr.export CHECKPOINT --format aoti [--quick-compile] [--output model.pt2]
-    python -m examples.deformable_detr.predict model.onnx IMAGES --backend onnxruntime
+    python -m examples.deformable_detr.predict model.onnx IMAGES      # onnxruntime (.onnx), AOTInductor (.pt2)
 
 The exported model takes ``images`` (B, 3, H, W) float32 (normalised as api.preprocess does) and
 ``mask`` (B, H, W) bool (True at padding), and returns the last decoder layer's ``pred_logits``
@@ -15,15 +15,23 @@ that loads it must have msda's ops registered (``import msda`` in Python).
 
 After exporting, the file is run on random images at two sizes and compared with eager PyTorch
 (raw logits and boxes); the differences are printed.
+
+The file also records how its images are to be prepared and its detections named, copied from
+the checkpoint (inference_settings.py): the resize rule (short side, max size), the normalisation,
+the class names and the variant, as ONNX ``metadata_props`` or the AOTInductor package's
+metadata (``detector.*`` keys). ``predict`` and ``Detector.from_exported`` use them; a file
+without them (exported by an older version) runs with the defaults and a note.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -32,9 +40,10 @@ from torch import nn
 import msda.onnx
 
 from .api import Detector
-from .checkpoint import CheckpointError, config_from_checkpoint, load_weights, read_checkpoint
-from .coco_names import COCO_NAMES
+from .checkpoint import CheckpointError, config_from_checkpoint, load_weights, read_checkpoint, variant_of_config
 from .deformable_detr import DeformableDETR, build_model
+from .inference_settings import InferenceSettings, from_metadata, settings_from_args, to_metadata
+from .optional import needs_extra
 
 __all__ = [
     "RawOutputs",
@@ -42,11 +51,14 @@ __all__ = [
     "export_aoti",
     "load_exported",
     "exported_detector",
+    "backend_for",
+    "MissingSettingsWarning",
     "compare_with_eager",
     "BACKENDS",
 ]
 
 BACKENDS = ("onnxruntime", "aoti")
+SUFFIXES = {".onnx": "onnxruntime", ".pt2": "aoti"}
 INPUT_NAMES = ["images", "mask"]
 OUTPUT_NAMES = ["pred_logits", "pred_boxes"]
 MIN_SIDE, MAX_SIDE = 65, 4096  # the stride-64 level must have 2 or more pixels
@@ -89,11 +101,39 @@ def _check_size(height: int, width: int) -> None:
             raise ValueError(f"example {name} must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {side}")
 
 
+def _metadata(model: DeformableDETR, settings: Optional[InferenceSettings]) -> dict[str, str]:
+    """The metadata an exported file carries: ``settings`` (defaults if None) and the model's variant."""
+    settings = settings or InferenceSettings()
+    return to_metadata(dataclasses.replace(settings, variant=variant_of_config(model.config)))
+
+
+def _write_onnx_metadata(path: str, metadata: dict[str, str]) -> None:
+    with needs_extra():
+        import onnx
+
+    proto = onnx.load(path, load_external_data=False)  # weights stored beside the file stay there
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
+
+
 def export_onnx(
-    model: DeformableDETR, path: str, height: int = 800, width: int = 1333, tensorrt: bool = False
+    model: DeformableDETR,
+    path: str,
+    height: int = 800,
+    width: int = 1333,
+    tensorrt: bool = False,
+    settings: Optional[InferenceSettings] = None,
 ) -> None:
-    """Write ``model`` as ONNX (dynamo exporter, dynamic batch and image size) to ``path``."""
+    """Write ``model`` as ONNX (dynamo exporter, dynamic batch and image size) to ``path``, with
+    ``settings`` (the checkpoint's preprocessing and class names; defaults if None) as metadata."""
     _check_size(height, width)
+    with needs_extra():  # the exporter's own error would not say how to install them
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
     wrapped = RawOutputs(model).eval()
     args = example_inputs(height, width)
     kwargs: dict[str, Any] = dict(
@@ -101,6 +141,7 @@ def export_onnx(
     )
     with torch.no_grad(), (msda.onnx.tensorrt_plugin() if tensorrt else contextlib.nullcontext()):
         torch.onnx.export(wrapped, args, path, **kwargs)
+    _write_onnx_metadata(path, _metadata(model, settings))
 
 
 # Inductor options of export_aoti(quick_compile=True): no vectorised kernels and -O0 (the
@@ -110,14 +151,21 @@ QUICK_COMPILE = {"cpp.simdlen": 1, "aot_inductor.debug_compile": True}
 
 
 def export_aoti(
-    model: DeformableDETR, path: str, height: int = 800, width: int = 1333, quick_compile: bool = False
+    model: DeformableDETR,
+    path: str,
+    height: int = 800,
+    width: int = 1333,
+    quick_compile: bool = False,
+    settings: Optional[InferenceSettings] = None,
 ) -> str:
-    """Compile ``model`` with AOTInductor into the package ``path`` (dynamic batch and image size).
+    """Compile ``model`` with AOTInductor into the package ``path`` (dynamic batch and image size),
+    with ``settings`` (defaults if None) in the package's metadata.
 
     ``quick_compile``: unoptimised kernels (QUICK_COMPILE), for checking the path rather than deploying."""
     _check_size(height, width)
     wrapped = RawOutputs(model).eval()
-    configs: dict[str, Any] = {"aot_inductor.metadata": {"num_classes": str(model.config.num_classes)}}
+    metadata = {"num_classes": str(model.config.num_classes), **_metadata(model, settings)}
+    configs: dict[str, Any] = {"aot_inductor.metadata": metadata}
     if quick_compile:
         configs.update(QUICK_COMPILE)
     with torch.no_grad():
@@ -130,13 +178,15 @@ class OnnxRuntimeModel(nn.Module):
 
     def __init__(self, path: str, threads: Optional[int] = None) -> None:
         super().__init__()
-        import onnxruntime
+        with needs_extra():
+            import onnxruntime
 
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.num_classes = int(self.session.get_outputs()[0].shape[-1])
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {"images": images.detach().cpu().float().numpy(), "mask": mask.detach().cpu().numpy()}
@@ -150,15 +200,33 @@ class AOTIModel(nn.Module):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.runner = torch._inductor.aoti_load_package(path)
-        self.num_classes = int(self.runner.get_metadata()["num_classes"])
+        self.metadata: dict[str, str] = dict(self.runner.get_metadata())
+        self.num_classes = int(self.metadata["num_classes"])
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         logits, boxes = self.runner(images.float().contiguous(), mask.contiguous())
         return {"pred_logits": logits, "pred_boxes": boxes}
 
 
-def load_exported(path: str, backend: str) -> nn.Module:
-    """The exported detector in ``path`` as a module returning {"pred_logits", "pred_boxes"}."""
+def backend_for(path: str) -> str:
+    """The backend that runs an exported file, from its suffix (.onnx, .pt2)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"cannot tell from its name how to run {path}: name the backend "
+            f"(--backend onnxruntime for an ONNX file, --backend aoti for an AOTInductor package)"
+        )
+    return SUFFIXES[suffix]
+
+
+class MissingSettingsWarning(UserWarning):
+    """An exported file that does not record its preprocessing and class names."""
+
+
+def load_exported(path: str, backend: Optional[str] = None) -> nn.Module:
+    """The exported detector in ``path`` as a module returning {"pred_logits", "pred_boxes"};
+    ``backend`` defaults to the one of the file's suffix (backend_for)."""
+    backend = backend or backend_for(path)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not os.path.isfile(path):
@@ -167,23 +235,42 @@ def load_exported(path: str, backend: str) -> nn.Module:
 
 
 def exported_detector(
-    path: str, backend: str, variant: Optional[str] = None, autocast: Optional[str] = None, **kwargs: Any
+    path: str,
+    backend: Optional[str] = None,
+    variant: Optional[str] = None,
+    autocast: Optional[str] = None,
+    **kwargs: Any,
 ) -> Detector:
     """A Detector (preprocessing, post-processing, class names) around an exported file.
 
-    Same keywords as ``Detector.from_checkpoint``; ``variant`` is not checked (the file has no
-    weights to read it from) and ``autocast`` is refused (the file's dtype is fixed at export)."""
+    ``backend`` defaults to the file suffix's (backend_for). Preprocessing and class names are the
+    ones the file records (its checkpoint's); a file without them gets the defaults (800/1333,
+    ImageNet statistics, COCO names or label indices) and a MissingSettingsWarning. Same keywords
+    as ``Detector.from_checkpoint``, which override the recorded values; ``variant``, when given,
+    must be the recorded one; ``autocast`` is refused (the file's dtype is fixed at export)."""
+    backend = backend or backend_for(path)
     if autocast is not None:
         raise ValueError(f"autocast applies to PyTorch checkpoints only, not to an exported {backend} file")
-    del variant
     model = load_exported(path, backend)
-    if model.num_classes != len(COCO_NAMES) and "class_names" not in kwargs:
-        kwargs["class_names"] = [str(i) for i in range(model.num_classes)]
-    kwargs.setdefault("device", "cpu")
-    if kwargs["device"] not in ("cpu", "auto"):
-        raise ValueError(f"exported backends run on the CPU here, got device {kwargs['device']!r}")
-    kwargs["device"] = "cpu"
-    return Detector(model, **kwargs)  # type: ignore[arg-type]
+    settings = from_metadata(model.metadata)
+    if settings is None:
+        settings = InferenceSettings()
+        if any(kwargs.get(k) is None for k in ("short_side", "max_size", "class_names")):
+            warnings.warn(
+                f"{path} does not record its image size and class names (exported by an older version): "
+                f"using short side {kwargs.get('short_side') or settings.short_side}, max size "
+                f"{kwargs.get('max_size') or settings.max_size} and "
+                f"{'COCO names' if model.num_classes == 91 else 'label numbers'} unless given; export it again "
+                f"from its checkpoint, or pass the checkpoint's --short-side, --max-size and --class-names",
+                MissingSettingsWarning,
+                stacklevel=2,
+            )
+    elif variant is not None and settings.variant is not None and variant != settings.variant:
+        raise ValueError(f"{path} is an export of variant {settings.variant!r}, not {variant!r}")
+    device = kwargs.pop("device", None) or "cpu"
+    if device not in ("cpu", "auto"):
+        raise ValueError(f"exported backends run on the CPU here, got device {device!r}")
+    return Detector.with_settings(model, settings, model.num_classes, device="cpu", **kwargs)
 
 
 @torch.no_grad()
@@ -225,16 +312,18 @@ def run(args: argparse.Namespace) -> str:
     model = build_model(config_from_checkpoint(ckpt))
     load_weights(model, ckpt, source=args.checkpoint)
     model.eval()
+    settings = settings_from_args(ckpt.get("args"))  # what predict on the checkpoint would use
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     output = args.output or os.path.splitext(args.checkpoint)[0] + ("_tensorrt" if args.tensorrt else "") + suffix
     start = time.perf_counter()
     if args.format == "onnx":
-        export_onnx(model, output, args.height, args.width, tensorrt=args.tensorrt)
+        export_onnx(model, output, args.height, args.width, tensorrt=args.tensorrt, settings=settings)
     else:
-        export_aoti(model, output, args.height, args.width, quick_compile=args.quick_compile)
+        export_aoti(model, output, args.height, args.width, quick_compile=args.quick_compile, settings=settings)
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
     if args.tensorrt:
-        import onnx
+        with needs_extra():
+            import onnx
 
         onnx.checker.check_model(output, full_check=True)
         print(f"onnx checker: ok (TensorRT node {msda.onnx.TENSORRT_OP}; not run here: needs TensorRT)")

@@ -15,10 +15,13 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .optional import needs_extra
+
+with needs_extra():
+    from scipy.optimize import linear_sum_assignment
 
 __all__ = ["HungarianMatcher", "focal_class_cost", "matching_cost"]
 

@@ -4,8 +4,10 @@
 
 For every image, writes <output-dir>/<name>.png (boxes, labels and scores drawn) and
 <output-dir>/<name>.json (the detections; boxes clipped to the image). Works with the original
-repository's checkpoints (the variant is read from the weights) and with ours; a checkpoint that
-records its class names and image size (the demo's) is used with them unless the options say otherwise.
+repository's checkpoints (the variant is read from the weights), with ours, and with the files
+that examples.deformable_detr.export writes (.onnx runs in onnxruntime, .pt2 as an AOTInductor
+package). A checkpoint or exported file that records its class names and image size (the demo's)
+is used with them unless the options say otherwise.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import functools
 import json
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .api import AUTOCAST_DTYPES, Detector
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError
 from .configs import VARIANTS
 from .draw import draw_detections
-from .export import BACKENDS, exported_detector
+from .export import BACKENDS, SUFFIXES, exported_detector
+from .optional import needs_extra
+
+with needs_extra():
+    from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -40,7 +45,8 @@ class PredictError(Exception):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m examples.deformable_detr.predict", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="checkpoint file (original Deformable DETR format: a dict with 'model')")
+    p.add_argument("checkpoint", help="checkpoint file (.pth, original Deformable DETR format) or exported file "
+                   "(.onnx, .pt2) from examples.deformable_detr.export")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     p.add_argument("--output-dir", default="detections", help="where to write the PNGs and JSONs (default: %(default)s)")
     p.add_argument("--variant", choices=sorted(VARIANTS), help="expected variant; default: read from the checkpoint")
@@ -49,14 +55,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass, padded with masks (default: %(default)s)")
     p.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the model under autocast (for CUDA)")
     p.add_argument("--short-side", type=int, default=None,
-                   help="resize the short side to this (default: the checkpoint's training size, else 800)")
+                   help="resize the short side to this (default: the size the checkpoint or exported file "
+                   "records, else 800)")
     p.add_argument("--max-size", type=int, default=None,
-                   help="cap on the long side after resizing (default: the checkpoint's, else 1333)")
+                   help="cap on the long side after resizing (default: the recorded one, else 1333)")
     p.add_argument("--class-names", help="text file with one class name per line (label index = line number); "
-                   "default: the checkpoint's names, else COCO's")
+                   "default: the recorded names, else COCO's")
     p.add_argument(
-        "--backend", choices=("torch", *BACKENDS), default="torch",
-        help="torch (default): run the checkpoint; onnxruntime/aoti: CHECKPOINT is a file from examples.deformable_detr.export",
+        "--backend", choices=("torch", *BACKENDS), default=None,
+        help="torch: CHECKPOINT is a PyTorch checkpoint; onnxruntime/aoti: a file from examples.deformable_detr.export "
+        "(default: from the name: .onnx onnxruntime, .pt2 aoti, anything else torch)",
     )
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -106,13 +114,9 @@ def output_stems(files: Sequence[str]) -> list[str]:
     return stems
 
 
-def checkpoint_hints(path: str) -> dict:
-    """What a checkpoint records beyond its weights (the demo's: class_names, short_side, max_size)."""
-    try:
-        saved = read_checkpoint(path).get("args")
-    except CheckpointError:
-        return {}  # Detector.from_checkpoint reports it
-    return {k: getattr(saved, k) for k in ("class_names", "short_side", "max_size") if hasattr(saved, k)}
+def choose_backend(path: str, backend: Optional[str]) -> str:
+    """The --backend given, else the one of the file's suffix (.onnx, .pt2), else torch."""
+    return backend or SUFFIXES.get(os.path.splitext(path)[1].lower(), "torch")
 
 
 def clip_boxes(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -134,21 +138,27 @@ def run(args: argparse.Namespace) -> list[str]:
             raise PredictError(f"class names file not found: {args.class_names}")
         with open(args.class_names, encoding="utf-8") as f:
             class_names = [line.strip() for line in f]
-    hints = checkpoint_hints(args.checkpoint) if args.backend == "torch" else {}
-    if class_names is None and hints.get("class_names"):
-        class_names = list(hints["class_names"])
-    short_side = args.short_side or int(hints.get("short_side", 800))
-    max_size = args.max_size or int(hints.get("max_size", 1333))
-    # an exported file (examples.deformable_detr.export) or a checkpoint
-    load = Detector.from_checkpoint if args.backend == "torch" else functools.partial(exported_detector, backend=args.backend)
+    backend = choose_backend(args.checkpoint, args.backend)
+    # None: what the checkpoint or exported file records (else the defaults)
+    options = dict(variant=args.variant, device=args.device, autocast=args.autocast,
+                   short_side=args.short_side, max_size=args.max_size, class_names=class_names)
     try:
-        detector = load(
-            args.checkpoint, variant=args.variant, device=args.device, autocast=args.autocast,
-            short_side=short_side, max_size=max_size,
-            **({"class_names": class_names} if class_names is not None else {}),
-        )
-    except (CheckpointError, ValueError) as exc:  # wrong variant, unusable device, ...
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            if backend == "torch":
+                detector = Detector.from_checkpoint(args.checkpoint, **options)
+            else:
+                detector = exported_detector(args.checkpoint, backend, **options)
+    except CheckpointError as exc:
+        hint = ""
+        if backend == "torch" and "cannot read checkpoint" in str(exc):
+            hint = (" (if it is an exported file, name its backend: --backend onnxruntime for ONNX, "
+                    "--backend aoti for an AOTInductor package)")
+        raise PredictError(f"{exc}{hint}") from exc
+    except ValueError as exc:  # wrong variant, unusable device, ...
         raise PredictError(str(exc)) from exc
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
     stems = output_stems(files)

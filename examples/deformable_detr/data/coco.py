@@ -14,8 +14,12 @@ import os
 from typing import Any, Callable, Optional
 
 import torch
-from PIL import Image
-from pycocotools.coco import COCO
+
+from ..optional import needs_extra
+
+with needs_extra():
+    from PIL import Image
+    from pycocotools.coco import COCO
 
 __all__ = ["CocoDetection", "collate_fn", "pad_images", "coco_paths"]
 

@@ -23,7 +23,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from ..optional import needs_extra
+
+with needs_extra():
+    from PIL import Image, ImageDraw
 
 __all__ = ["SHAPES", "SyntheticSpec", "generate_image", "write_synthetic_split", "ensure_synthetic_dataset"]
 

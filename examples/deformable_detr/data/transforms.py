@@ -16,7 +16,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+
+from ..inference_settings import IMAGENET_MEAN, IMAGENET_STD
+from ..optional import needs_extra
+
+with needs_extra():
+    from PIL import Image
 
 __all__ = [
     "Compose",
@@ -30,9 +35,6 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Target = dict[str, Any]
 
