@@ -163,3 +163,14 @@ def test_launch_macro_takes_grid_and_block_in_the_real_order(emu):
     out = torch.zeros(2)
     emu.selftest("launch_dims", torch.zeros(1), out, threads=64, blocks=3)
     assert out.tolist() == [3.0, 64.0]  # gridDim.x, blockDim.x
+
+
+def test_v1_and_v2_modules_keep_their_own_emulator_state(emu, emu_v2):
+    # Both modules in one process (as in a test run): each has its own
+    # emulator, so neither's launches, grid cap or shared-memory layout (the
+    # red zones, and under TSan the per-block shared memory) leak into the other.
+    case = make_case(N=1, Lq=2, M=1, D=4, shapes=[(2, 2)], P=1, seed=0, value_dtype=torch.float32)
+    before_v1, before_v2 = emu.stats()["launches"], emu_v2.stats()["launches"]
+    emu.forward(*case.inputs)
+    assert emu.stats()["launches"] == before_v1 + 1
+    assert emu_v2.stats()["launches"] == before_v2

@@ -65,7 +65,13 @@ def load_emulation(
         sources=[os.path.join(HERE, entry)],
         extra_include_paths=[csrc, HERE],
         # -O1 keeps the build short; the emulation's speed is in its fibers.
-        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]  # "#pragma unroll"
+        # -fno-gnu-unique: the emulator's state (msda_emu::g, the shared-memory
+        # layout, the device copies) are inline variables, which GCC makes
+        # process-wide unique symbols; the v1 and v2 modules loaded in one
+        # process would then share one state, and the second's shared-memory
+        # layout would replace the first's.
+        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",  # "#pragma unroll"
+                      "-fno-gnu-unique"]
         + (["-fsanitize=thread", "-DMSDA_EMU_TSAN"] if tsan else [])
         + (UBSAN_FMA_FLAGS if flavour else []),
         extra_ldflags=(["-fsanitize=thread"] if tsan else []) + (["-fsanitize=undefined"] if flavour else []),
