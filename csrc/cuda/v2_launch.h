@@ -71,9 +71,9 @@ void launch_discrete_forward(const Problem& p, const at::Tensor& value, const at
   const int64_t threads_needed = HQ * (p.D / VEC);
   const dim3 grid = grid_for(ceil_div(threads_needed, cuda_kernels::kThreadsPerBlock));
   const auto kernel = cuda_kernels::v2_discrete_forward_kernel<scalar_t, acc_t, loc_t, VEC>;
-  MSDA_LAUNCH(kernel, grid, dim3(cuda_kernels::kThreadsPerBlock), 0, stream, value.const_data_ptr<scalar_t>(),
-              shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), loc.const_data_ptr<loc_t>(),
-              attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), HQ, p.S, p.M, p.D, p.Lq, p.P);
+  MSDA_LAUNCH(kernel, grid, dim3(cuda_kernels::kThreadsPerBlock), 0, stream, MSDA_IN(scalar_t, value),
+              MSDA_IN(int64_t, shapes), MSDA_IN(int64_t, starts), MSDA_IN(loc_t, loc), MSDA_IN(acc_t, attn),
+              MSDA_OUT(scalar_t, out), HQ, p.S, p.M, p.D, p.Lq, p.P);
 }
 
 template <typename scalar_t, typename acc_t, typename loc_t, int VEC, typename Stream>
@@ -84,10 +84,10 @@ void launch_discrete_backward(const Problem& p, const at::Tensor& value, const a
   const int width = cuda_launch::next_power_of_two(std::min<int64_t>(p.D / VEC, cuda_kernels::kWarpSize));
   const dim3 grid = grid_for(ceil_div(HQ * width, cuda_kernels::kThreadsPerBlock));
   const auto kernel = cuda_kernels::v2_discrete_backward_kernel<scalar_t, acc_t, loc_t, VEC>;
-  MSDA_LAUNCH(kernel, grid, dim3(cuda_kernels::kThreadsPerBlock), 0, stream, value.const_data_ptr<scalar_t>(),
-              shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), loc.const_data_ptr<loc_t>(),
-              attn.const_data_ptr<acc_t>(), go.const_data_ptr<scalar_t>(), grad_value.mutable_data_ptr<acc_t>(),
-              grad_attn.mutable_data_ptr<acc_t>(), HQ, p.S, p.M, p.D, p.Lq, p.P, width);
+  MSDA_LAUNCH(kernel, grid, dim3(cuda_kernels::kThreadsPerBlock), 0, stream, MSDA_IN(scalar_t, value),
+              MSDA_IN(int64_t, shapes), MSDA_IN(int64_t, starts), MSDA_IN(loc_t, loc), MSDA_IN(acc_t, attn),
+              MSDA_IN(scalar_t, go), MSDA_OUT(acc_t, grad_value), MSDA_OUT(acc_t, grad_attn), HQ, p.S, p.M, p.D,
+              p.Lq, p.P, width);
 }
 
 // Calls f(loc_t*) with the discrete index type of the (converted) locations.

@@ -6,6 +6,10 @@ with torch.utils.cpp_extension.load. The build directory is under
 $MSDA_CACHE_DIR (default ~/.cache/msda), so ninja reuses it across runs.
 $MSDA_EMULATION_CSRC points the build at another copy of csrc (the bug
 injection script uses it); each csrc gets its own build directory.
+MSDA_EMULATION_BUILD=ubsan-fma builds the modules with UndefinedBehaviorSanitizer
+(any report aborts the process) and with floating-point contraction into
+fused multiply-adds allowed (-ffp-contract=fast -mfma), as nvcc contracts by
+default: .ci/cuda_emulation_ubsan_fma.sh runs the emulation tests so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,15 @@ from types import ModuleType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+# UBSan with every check fatal, plus float-to-integer conversions out of range
+# (not part of GCC's -fsanitize=undefined); vptr off: torch's and pybind11's
+# types cross shared libraries. Contraction as nvcc does it (an FMA wherever
+# a product feeds an addition; GCC forms FMAs from -O2 on), so the host build
+# takes the freedom the GPU build has.
+UBSAN_FMA_FLAGS = ["-fsanitize=undefined,float-cast-overflow", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
+                   "-ffp-contract=fast", "-mfma", "-O2", "-DMSDA_EMU_UBSAN_FMA"]
 
 
 def cache_dir() -> str:
@@ -40,6 +53,10 @@ def load_emulation(
     if entry != "emulated_ops.cpp":
         name += "_" + os.path.splitext(entry)[0]
     name += "_tsan" if tsan else ""
+    flavour = os.environ.get("MSDA_EMULATION_BUILD", "")
+    if flavour not in ("", "ubsan-fma"):
+        raise ValueError(f"MSDA_EMULATION_BUILD must be empty or 'ubsan-fma', got {flavour!r}")
+    name += "_ubsan_fma" if flavour else ""
     build_dir = os.path.join(cache_dir(), "cuda_emulation", name)
     os.makedirs(build_dir, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
@@ -48,9 +65,16 @@ def load_emulation(
         sources=[os.path.join(HERE, entry)],
         extra_include_paths=[csrc, HERE],
         # -O1 keeps the build short; the emulation's speed is in its fibers.
-        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]  # "#pragma unroll"
-        + (["-fsanitize=thread", "-DMSDA_EMU_TSAN"] if tsan else []),
-        extra_ldflags=["-fsanitize=thread"] if tsan else [],
+        # -fno-gnu-unique: the emulator's state (msda_emu::g, the shared-memory
+        # layout, the device copies) are inline variables, which GCC makes
+        # process-wide unique symbols; the v1 and v2 modules loaded in one
+        # process would then share one state, and the second's shared-memory
+        # layout would replace the first's.
+        extra_cflags=["-O1", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",  # "#pragma unroll"
+                      "-fno-gnu-unique"]
+        + (["-fsanitize=thread", "-DMSDA_EMU_TSAN"] if tsan else [])
+        + (UBSAN_FMA_FLAGS if flavour else []),
+        extra_ldflags=(["-fsanitize=thread"] if tsan else []) + (["-fsanitize=undefined"] if flavour else []),
         build_directory=build_dir,
         verbose=verbose,
     )

@@ -1,9 +1,12 @@
 """Show that the CUDA emulation tests catch deliberate bugs in the CUDA kernels.
 
 For each bug below: copy csrc/ to a temporary directory, apply the one edit,
-rebuild the emulation harness against the copy, run the emulation tests
-(TEST_FILES, stopping at the first failure), and record whether it failed. The unmodified
-sources run first and must pass. Prints a table bug -> caught / MISSED.
+rebuild the emulation harness against the copy, run its check, and record
+whether it failed. A bug's check is the emulation tests (TEST_FILES, or the
+bug's own list of tests, stopping at the first failure), the race detection
+check (tsan_check.py), or the tests against the UBSan + FMA-contracting build
+(MSDA_EMULATION_BUILD=ubsan-fma). The unmodified sources run first and must
+pass. Prints a table bug -> caught / MISSED.
 
     python tests/cuda_emulation/inject_bugs.py [--only NAME ...] [--list] [--tsan]
 
@@ -34,6 +37,11 @@ TEST_FILES = ["test_window_edges.py", "test_large.py"] + [
         "test_deterministic_backward_is_bitwise_reproducible_across_thread_orders")
 ] + ["test_cuda_emulation.py"]
 LAUNCH = "cuda/ms_deform_attn_launch.h"
+V2_KERNELS = "cuda/v2_discrete_kernels.cuh"
+V2_LAUNCH = "cuda/v2_launch.h"
+DISCRETE_INDEX = "v2_discrete_index.h"
+V2_TESTS = "test_v2_cuda_emulation.py::"
+EDGE_TESTS = "test_cuda_emulation_edges.py::"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,8 @@ class Bug:
     file: str  # relative to csrc/
     old: str
     new: str
+    tests: tuple[str, ...] = ()  # the tests that should catch it (default: TEST_FILES)
+    check: str = "tests"  # or "tsan" (tsan_check.py) or "ubsan-fma" (the tests on that build)
 
 
 BUGS = [
@@ -65,8 +75,8 @@ BUGS = [
         "const acc_t aw = a * cn.w[k];\n        acc_t* dst",
         "const acc_t aw = a;\n        acc_t* dst"),
     Bug("shuffle mask names the wrong lanes", "warp shuffle", KERNELS,
-        "const unsigned mask = segment_bits << (lane & ~(width - 1));",
-        "const unsigned mask = segment_bits;"),
+        "return segment_bits << (lane & ~(width - 1));",
+        "return segment_bits;"),
     # (A grid that is merely too small is not a bug: the kernels loop over the rest.)
     Bug("forward grid rounds down to zero blocks", "launch configuration", LAUNCH,
         "grid_for(ceil_div(threads_needed, kThreadsPerBlock))",
@@ -118,9 +128,8 @@ BUGS = [
         "h.value_offset = (h.n * S * M + h.m) * D;",
         "h.value_offset = static_cast<int32_t>((h.n * S * M + h.m) * D);"),
     Bug("forward row offset truncated to int32", "64-bit indexing", KERNELS,
-        "load_pack<scalar_t, VEC>(v + cn.row[k] * row_stride);\n#pragma unroll\n          for (int i = 0; i < VEC; ++i) acc[i]",
-        "load_pack<scalar_t, VEC>(v + static_cast<int32_t>(cn.row[k] * row_stride));\n#pragma unroll\n"
-        "          for (int i = 0; i < VEC; ++i) acc[i]"),
+        "add_scaled_pack<scalar_t, acc_t, VEC>(acc, a * cn.w[k], v + cn.row[k] * row_stride);",
+        "add_scaled_pack<scalar_t, acc_t, VEC>(acc, a * cn.w[k], v + static_cast<int32_t>(cn.row[k] * row_stride));"),
     Bug("grad_value terms rounded to the 16-bit dtype before the atomic", "precision", KERNELS,
         "atomicAdd(dst + i, aw * go[i]);",
         "atomicAdd(dst + i, static_cast<acc_t>(static_cast<scalar_t>(aw * go[i])));"),
@@ -138,6 +147,65 @@ BUGS = [
     Bug("corner check admits the column past the last", "memory safety", KERNELS,
         "const bool x_ok[2] = {x0 >= 0, x0 + 1 < lv.W};",
         "const bool x_ok[2] = {x0 >= 0, x0 + 1 <= lv.W};"),
+    # The v2 discrete kernels, the deterministic backward and the shared helpers.
+    Bug("discrete row uses H as the row length", "index arithmetic (v2)", V2_KERNELS,
+        "return (x < 0 || y < 0) ? -1 : lv.start + y * lv.W + x;",
+        "return (x < 0 || y < 0) ? -1 : lv.start + y * lv.H + x;",
+        tests=(V2_TESTS + "test_emulated_discrete_launch_shapes",)),
+    Bug("discrete invalid levels not skipped", "memory safety (v2)", V2_KERNELS,
+        "  if (!lv.valid) return -1;\n", "",
+        tests=(V2_TESTS + "test_wrong_level_tables_skip_the_level",)),
+    Bug("discrete grad_value += instead of atomicAdd", "race (v2)", V2_KERNELS,
+        "atomicAdd(grad_value + offset + c + k, a * go[k]);",
+        "grad_value[offset + c + k] += a * go[k];",
+        tests=(V2_TESTS + "test_discrete_atomics_one_per_read_point_and_channel",)),
+    Bug("discrete grad_value += instead of atomicAdd (TSan)", "race (v2)", V2_KERNELS,
+        "atomicAdd(grad_value + offset + c + k, a * go[k]);",
+        "grad_value[offset + c + k] += a * go[k];", check="tsan"),
+    Bug("discrete grad_attn unwritten where a point reads nothing", "unwritten output (v2)", V2_KERNELS,
+        "      if (first == 0) grad_attn[point] = dot;",
+        "      if (first == 0 && row >= 0) grad_attn[point] = dot;",
+        tests=(V2_TESTS + "test_non_finite_and_far_in_either_coordinate",)),
+    Bug("discrete grad_value not zeroed", "unzeroed output (v2)", V2_LAUNCH,
+        "at::Tensor grad_value = at::zeros(v.sizes(), value.options().dtype(acc));",
+        "at::Tensor grad_value = at::empty(v.sizes(), value.options().dtype(acc));",
+        tests=(V2_TESTS + "test_emulated_discrete_launch_shapes",)),
+    Bug("discrete forward grid-stride step doubled", "grid-stride loop (v2)", V2_KERNELS,
+        "       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const int64_t hq = div_floor(t, groups);",
+        "       t += 2 * static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const int64_t hq = div_floor(t, groups);",
+        tests=(V2_TESTS + "test_capped_grid_runs_grid_stride_rounds",)),
+    Bug("discrete backward vectorised although grad_output is misaligned", "alignment (v2)", V2_LAUNCH,
+        "if (cuda_launch::can_vectorize<scalar_t>(p.D, {&v, &go})) {",
+        "if (cuda_launch::can_vectorize<scalar_t>(p.D, {&v})) {",
+        tests=(V2_TESTS + "test_each_input_misaligned",)),
+    Bug("discrete clamp admits index == size", "discrete boundary", DISCRETE_INDEX,
+        "if (!(static_cast<double>(v) < static_cast<double>(size))) return size - 1;",
+        "if (!(static_cast<double>(v) <= static_cast<double>(size))) return size - 1;",
+        tests=(V2_TESTS + "test_discrete_exact_pixel_boundaries_and_the_clamp",)),
+    Bug("discrete product left to FMA contraction", "FMA contraction", DISCRETE_INDEX,
+        "  volatile float product = a * b;  // the store forces the rounding\n  return product;",
+        "  return a * b;", check="ubsan-fma",
+        tests=(V2_TESTS + "test_the_contracting_build_contracts",
+               V2_TESTS + "test_discrete_index_rounds_the_product_before_adding_half")),
+    Bug("warp mask shifts by the full warp width", "undefined behaviour", KERNELS,
+        "const unsigned segment_bits = width == kWarpSize ? 0xffffffffu : ((1u << width) - 1u);",
+        "const unsigned segment_bits = (1u << width) - 1u;", check="ubsan-fma",
+        tests=("test_cuda_emulation.py::test_each_kernel_variant",)),
+    Bug("16-bit forward terms rounded before the sum", "precision", KERNELS,
+        "for (int i = 0; i < VEC; ++i) acc[i] += a * static_cast<acc_t>(x.v[i]);",
+        "for (int i = 0; i < VEC; ++i) acc[i] += static_cast<acc_t>(static_cast<scalar_t>(a * static_cast<acc_t>(x.v[i])));",
+        tests=(EDGE_TESTS + "test_16bit_forward_sums_in_float32",)),
+    Bug("deterministic grad_value not zeroed without queries", "deterministic backward", LAUNCH,
+        "    grad_value.zero_();\n    grad_loc.zero_();", "    grad_loc.zero_();",
+        tests=(EDGE_TESTS + "test_deterministic_backward_of_empty_problems",)),
+    Bug("deterministic corner keys for invalid levels", "deterministic backward", KERNELS,
+        "const bool sampled = lv.valid && locate(loc[2 * t], loc[2 * t + 1], lv, cn);",
+        "const bool sampled = locate(loc[2 * t], loc[2 * t + 1], lv, cn);",
+        tests=(EDGE_TESTS + "test_deterministic_backward_skips_invalid_levels",)),
+    Bug("real launch macro swaps grid and block", "launch macro", "cuda/launch_check.h",
+        "kernel<<<(grid), (block), (shared_bytes), (stream)>>>(__VA_ARGS__);",
+        "kernel<<<(block), (grid), (shared_bytes), (stream)>>>(__VA_ARGS__);",
+        tests=(EDGE_TESTS + "test_launch_macro_takes_grid_and_block_in_the_real_order",)),
 ]
 
 
@@ -153,15 +221,21 @@ def apply(bug: Bug, csrc: str) -> None:
         f.write(text.replace(bug.old, bug.new))
 
 
-def run_tests(csrc: str, cache: str, timeout: float, tsan: bool = False) -> tuple[str, float, str]:
+def run_tests(csrc: str, cache: str, timeout: float, check: str = "tests",
+              tests: tuple[str, ...] = ()) -> tuple[str, float, str]:
     """Return (outcome, seconds, last line): 'passed', 'failed', 'crashed', 'build error' or 'timeout'."""
     env = dict(os.environ, MSDA_EMULATION_CSRC=csrc, MSDA_CACHE_DIR=cache, CI=os.environ.get("CI", "true"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH")) if p)
-    if tsan:  # the race detection check instead of the tests
+    # The installed msda (with its CPU kernels, which some tests compare with),
+    # unless none is: then the sources' Python package.
+    if subprocess.run([sys.executable, "-c", "import msda._C"], capture_output=True).returncode != 0:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(REPO_ROOT, "src"), env.get("PYTHONPATH")) if p)
+    if check == "tsan":  # the race detection check instead of the tests
         cmd = [sys.executable, os.path.join(HERE, "tsan_check.py"), "--only", "backward", "forward"]
     else:
+        if check == "ubsan-fma":
+            env["MSDA_EMULATION_BUILD"] = "ubsan-fma"
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-        cmd += [os.path.join(REPO_ROOT, "tests", name) for name in TEST_FILES]
+        cmd += [os.path.join(REPO_ROOT, "tests", name) for name in (tests or TEST_FILES)]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -191,9 +265,11 @@ def main() -> int:
                         help="judge each bug by the race detection check (tsan_check.py) alone, not the tests")
     args = parser.parse_args()
     bugs = [b for b in BUGS if not args.only or any(w in b.name for w in args.only)]
+    if args.tsan:
+        bugs = [dataclasses.replace(b, check="tsan") for b in bugs]
     if args.list:
         for b in bugs:
-            print(f"{b.kind:22} {b.name}")
+            print(f"{b.kind:22} {b.check:9} {b.name}")
         return 0
 
     with tempfile.TemporaryDirectory(prefix="msda-inject-") as tmp:
@@ -202,28 +278,32 @@ def main() -> int:
             shutil.copytree(os.path.join(REPO_ROOT, "csrc"), os.path.join(root, "csrc"))
             return os.path.join(root, "csrc"), os.path.join(root, "cache")
 
-        csrc, cache = fresh_csrc("baseline")
-        outcome, seconds, last = ("passed", 0.0, "") if args.skip_baseline else run_tests(
-            csrc, cache, args.timeout, args.tsan)
-        print(f"baseline (no bug): {'skipped' if args.skip_baseline else outcome} in {seconds:.0f} s", flush=True)
-        if outcome != "passed":
-            print(f"  {last}\nthe unmodified kernels must pass first", file=sys.stderr)
-            return 2
-        shutil.rmtree(os.path.dirname(cache) + "/cache", ignore_errors=True)
+        for check in sorted({b.check for b in bugs}):  # each check the bugs use, on the unmodified sources
+            csrc, cache = fresh_csrc("baseline")
+            tests = sorted({t for b in bugs if b.check == check for t in (b.tests or TEST_FILES)})
+            outcome, seconds, last = ("passed", 0.0, "") if args.skip_baseline else run_tests(
+                csrc, cache, args.timeout, check, tuple(tests))
+            print(f"baseline (no bug, {check}): {'skipped' if args.skip_baseline else outcome} in {seconds:.0f} s",
+                  flush=True)
+            if outcome != "passed":
+                print(f"  {last}\nthe unmodified kernels must pass first", file=sys.stderr)
+                return 2
+            shutil.rmtree(os.path.join(tmp, "baseline"), ignore_errors=True)
 
         rows = []
         for i, bug in enumerate(bugs):
             csrc, cache = fresh_csrc(f"bug{i}")
             apply(bug, csrc)
-            outcome, seconds, last = run_tests(csrc, cache, args.timeout, args.tsan)
+            outcome, seconds, last = run_tests(csrc, cache, args.timeout, bug.check, bug.tests)
             verdict = {"failed": "caught", "crashed": "caught (crash)", "passed": "MISSED"}.get(outcome, outcome)
             rows.append((bug, verdict, seconds, last))
-            print(f"{verdict:12} {seconds:5.0f} s  {bug.kind:22} {bug.name}\n{'':20}{last[:150]}", flush=True)
+            print(f"{verdict:12} {seconds:5.0f} s  {bug.kind:22} {bug.check:9} {bug.name}\n{'':20}{last[:150]}",
+                  flush=True)
             shutil.rmtree(os.path.join(tmp, f"bug{i}"), ignore_errors=True)
 
-    print("\n| bug | kind | result |\n|---|---|---|")
+    print("\n| bug | kind | check | result |\n|---|---|---|---|")
     for bug, verdict, seconds, _ in rows:
-        print(f"| {bug.name} | {bug.kind} | {verdict} ({seconds:.0f} s) |")
+        print(f"| {bug.name} | {bug.kind} | {bug.check} | {verdict} ({seconds:.0f} s) |")
     missed = [r for r in rows if not r[1].startswith("caught")]
     print(f"\n{len(rows) - len(missed)} of {len(rows)} bugs caught")
     return 1 if missed else 0

@@ -52,6 +52,15 @@ __global__ void shared_with_barriers(const float* in, float* out, int64_t n) {
   s[threadIdx.x] = 0;
 }
 
+// What a kernel sees of its launch: MSDA_LAUNCH(kernel, grid, block, ...)
+// must reach it as gridDim = grid, blockDim = block (the real macro's order).
+__global__ void launch_dims(const float* in, float* out, int64_t n) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    out[0] = static_cast<float>(gridDim.x);
+    out[1] = static_cast<float>(blockDim.x);
+  }
+}
+
 }  // namespace selftest
 }  // namespace cuda_kernels
 }  // namespace msda

@@ -5,8 +5,9 @@ Builds the emulation harness with -fsanitize=thread and its race annotations
 preloaded, each case below and counts the data races TSan reports during it:
 the deliberately racy selftest kernels must be reported, their correct
 versions and msda's real kernels (forward, both backward kernels, the
-deterministic backward, vector and scalar paths, two blocks per launch) must
-not. Prints a table; exit status 0 when every case meets its expectation.
+deterministic backward, vector and scalar paths, two blocks per launch; the
+v2 op's discrete kernels and v1's kernels on its per-point level tables)
+must not. Prints a table; exit status 0 when every case meets its expectation.
 
     python tests/cuda_emulation/tsan_check.py [--only NAME ...]
 
@@ -37,13 +38,20 @@ CASES = {
     "backward block kernel float32 D33 (two shared-memory rounds)": False,
     "backward block kernel float16 D264": False,
     "backward deterministic float32 D8": False,
+    # The v2 op: the discrete kernels, and v1's on per-point level tables.
+    "v2 discrete forward float32 D8": False,
+    "v2 discrete backward float32 D8": False,
+    "v2 discrete backward float32 D3 (scalar)": False,
+    "v2 default backward float32 D4 (per-point levels)": False,
+    "v2 default backward deterministic float32 D8 (per-point levels)": False,
 }
 
 
-def run_case(emu, name: str) -> None:
+def run_case(emu, emu_v2, name: str) -> None:
     import torch
 
     from cases import make_case
+    from cases_v2 import make_case_v2
 
     if name.startswith("selftest "):
         threads, blocks = 64, 2
@@ -54,15 +62,21 @@ def run_case(emu, name: str) -> None:
     P = 9 if "two shared-memory rounds" in name else 3
     # Many queries on a few pixels: threads of a block, and of the two
     # blocks, add to the same rows of grad_value.
-    case = make_case(N=1, Lq=24, M=1, D=D, shapes=[(2, 2), (1, 2)], P=P, seed=D, value_dtype=dtype)
-    emu.set_grid_cap(2)  # two blocks, each several rounds of the grid-stride loops
+    if name.startswith("v2 "):
+        method = name.split()[1]
+        case = make_case_v2(1, 24, 1, D, [(2, 2), (1, 2)], [3, 2], method, seed=D, value_dtype=dtype)
+        op, args = emu_v2, case.args
+    else:
+        case = make_case(N=1, Lq=24, M=1, D=D, shapes=[(2, 2), (1, 2)], P=P, seed=D, value_dtype=dtype)
+        op, args = emu, case.inputs
+    op.set_grid_cap(2)  # two blocks, each several rounds of the grid-stride loops
     deterministic = "deterministic" in name
     torch.use_deterministic_algorithms(deterministic)
     try:
-        if name.startswith("forward"):
-            emu.forward(*case.inputs)
+        if " forward " in f" {name} ":
+            op.forward(*args)
         else:
-            emu.backward(*case.inputs, case.grad_output)
+            op.backward(*args, case.grad_output)
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -76,10 +90,11 @@ def child(names: list[str]) -> None:
     torch.set_num_threads(1)  # OpenMP threads are not what is checked here
     from build import load_emulation
 
-    emu = load_emulation(tsan=True)
+    emu = load_emulation(tsan=True) if any(not n.startswith("v2 ") for n in names) else None
+    emu_v2 = load_emulation(entry="emulated_ops_v2.cpp", tsan=True) if any(n.startswith("v2 ") for n in names) else None
     for name in names:
         os.write(2, f"\n{MARK}{name}\n".encode())
-        run_case(emu, name)
+        run_case(emu, emu_v2, name)
     os.write(2, f"\n{MARK}end\n".encode())
 
 
