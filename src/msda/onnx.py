@@ -375,7 +375,7 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
     """
     _check_domain(domain)
     onnxscript = _import_optional("onnxscript")
-    op = importlib.import_module("onnxscript.opset18")
+    op = onnxscript.opset18
 
     _register_tensorrt_schema(domain)
     plugin = getattr(onnxscript.values.Opset(domain, 1), TENSORRT_OP)
