@@ -17,7 +17,8 @@ fi
 . "$MSDA_VENV/bin/activate"
 echo "== installing dependencies"
 python -m pip install -q --disable-pip-version-check --upgrade pip
-# One group a line, each with why it is here.
+# One group a line, each with why it is here: the build tools and pyproject's `test`
+# extra (tests/test_optional_extras.py checks that this list covers it).
 DEPS=(
   "${MSDA_TORCH:-torch==2.13.0}" numpy             # the op
   pybind11 ninja "setuptools>=77" wheel           # the build

@@ -2,7 +2,7 @@
 
 The library holds the ops' schemas, the CPU and CUDA kernels and the runtime
 CPU dispatch, and no Python: a C++ program (for example one that runs an
-AOTInductor package) loads the same file (README "C++ deployment").
+AOTInductor package) loads the same file (documentation: "Deployment", C++).
 Importing this module loads it with ``torch.ops.load_library``, which runs its
 registrations, and reads the CPU dispatch through its C functions (ctypes).
 An ImportError means the library is missing or cannot be loaded.

@@ -4,7 +4,7 @@ The extension is only loaded when it was built against the torch that is
 running: loading a library built for another torch ABI can crash the process,
 so the version recorded at build time (``msda/_build_info.py``, written by
 setup.py) is compared first: the release series must match (2.13 for torch
-2.13.x), as the wheel's requirement says (README "Wheels"). When the extension cannot be used, the public
+2.13.x), as the wheel's requirement says (documentation: "Installation", Wheels). When the extension cannot be used, the public
 functions fall back to the reference with one warning, unless
 ``MSDA_REQUIRE_EXTENSION=1`` is set (CI sets it), which turns this into an error.
 """
@@ -21,7 +21,7 @@ import torch
 REQUIRE_ENV = "MSDA_REQUIRE_EXTENSION"
 BUILD_HINT = (
     "Build it with `pip install --no-build-isolation .` in an environment that already has the torch "
-    "you run (see the README)."
+    "you run (see the documentation's Installation page, docs/installation.md)."
 )
 
 

@@ -3,7 +3,7 @@ the reference.
 
 They look at metadata only (never at tensor values), so they are safe inside
 ``torch.compile(fullgraph=True)``. Checks that read values (sum(H*W) == S, the
-level start indices) live in the C++ kernels (spec §4). The C++ side repeats
+level start indices) live in the C++ kernels. The C++ side repeats
 these checks with the same wording for callers of ``torch.ops.msda.*``.
 """
 

@@ -1,7 +1,7 @@
 """``MSDeformAttn``: the drop-in replacement for Deformable DETR's module.
 
 Same constructor, parameter names, initialisation and forward as the original,
-so its checkpoints load unchanged (spec §5).
+so its checkpoints load unchanged.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ The one entry point for everything else is this module:
   :func:`translation_table` is the ``custom_translation_table`` that writes
   them as TensorRT's node.
 
-The decomposition follows the op's contract (docs: spec §1-§2) rather than
+The decomposition follows the op's contract (documentation: "The op and the
+module", edge cases) rather than
 relying on the runtime: onnxruntime's GridSample returns non-zero values for
 NaN, inf and 1e30 coordinates, so samples outside -1 < x < W, -1 < y < H are
 masked here (their weight is replaced, not multiplied, so a NaN weight on an
@@ -32,6 +33,7 @@ gathers whose indices never leave their level.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator, Optional
 
@@ -372,8 +374,8 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
     (the decomposition exists once, in PyTorch). Needs onnxscript.
     """
     _check_domain(domain)
-    import onnxscript
-    from onnxscript import opset18 as op
+    onnxscript = _import_optional("onnxscript")
+    op = onnxscript.opset18
 
     _register_tensorrt_schema(domain)
     plugin = getattr(onnxscript.values.Opset(domain, 1), TENSORRT_OP)
@@ -412,7 +414,7 @@ def translation_table(domain: str = TENSORRT_DOMAIN) -> dict[Callable, Callable]
 
 def _register_tensorrt_schema(domain: str) -> None:
     """onnxscript builds nodes from ONNX schemas: declare the plugin's (inputs, types) once per domain."""
-    import onnx
+    onnx = _import_optional("onnx")
 
     if onnx.defs.has(TENSORRT_OP, domain):
         return
@@ -459,3 +461,14 @@ def _register_torchscript_symbolics() -> None:
     symbolic = symbolic_helper.parse_args("v", "v", "v", "f")(_addcdiv_symbolic)
     torch.onnx.register_custom_op_symbolic("aten::addcdiv", symbolic, 9)
     _torchscript_registered = True
+
+
+def _import_optional(name: str) -> Any:
+    """onnx and onnxscript are optional dependencies of msda: name the extra that installs them."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(
+            f"msda.onnx needs the '{name}' package for this: pip install 'msda[onnx]' "
+            "(or: pip install onnx onnxscript onnxruntime)"
+        ) from error

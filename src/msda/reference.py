@@ -2,7 +2,7 @@
 
 This is the ground truth the kernels are tested against and the fallback used
 when the compiled extension is unavailable. It follows the whole contract of
-the op (docs: spec §1-§3), not only the happy path of the original code:
+the op (documentation: "The op and the module"), not only the happy path of the original code:
 
 * non-finite or far-away locations are first moved to a place that is outside
   every map, so they contribute zero and receive zero gradient (grid_sample
