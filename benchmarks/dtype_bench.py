@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import msda  # noqa: E402
-from cases import OP_CASES, make_op_inputs  # noqa: E402
+from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs  # noqa: E402
 from dispatch_vs_native import machine  # noqa: E402
 from timing import forward_and_backward, time_calls  # noqa: E402
 
@@ -43,8 +43,8 @@ ARGS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "a
 CPU = torch.device("cpu")
 
 
-def closures(case_name: str, dtype: torch.dtype):
-    x = make_op_inputs(OP_CASES[case_name], CPU, dtype)
+def closures(case_name: str, dtype: torch.dtype, quick: bool = False):
+    x = make_op_inputs((QUICK_OP_CASES if quick else OP_CASES)[case_name], CPU, dtype)
     leaves = [x[k].requires_grad_(True) for k in ("value", "sampling_locations", "attention_weights")]
     args = [x[k] for k in ARGS]
 
@@ -55,10 +55,10 @@ def closures(case_name: str, dtype: torch.dtype):
     return forward, forward_and_backward(lambda: msda.ms_deform_attn(*args), x["grad_output"], leaves)
 
 
-def time_side_by_side(cases: list[str], rounds: int, calls: int) -> dict:
+def time_side_by_side(cases: list[str], rounds: int, calls: int, quick: bool = False) -> dict:
     results: dict = {}
     for case in cases:
-        fns = {name: closures(case, dtype) for name, dtype in DTYPES.items()}
+        fns = {name: closures(case, dtype, quick) for name, dtype in DTYPES.items()}
         samples = {name: {"forward": [], "forward_backward": []} for name in DTYPES}
         for name, (fwd, step) in fns.items():  # warm-up: page faults, thread pools
             time_calls(fwd, CPU, 2, 1)
@@ -80,24 +80,24 @@ def time_side_by_side(cases: list[str], rounds: int, calls: int) -> dict:
     return results
 
 
-def returned_bytes(case_name: str, dtype: torch.dtype) -> int:
+def returned_bytes(case_name: str, dtype: torch.dtype, quick: bool = False) -> int:
     """The output and the three gradients every implementation hands back."""
-    c = OP_CASES[case_name]
+    c = (QUICK_OP_CASES if quick else OP_CASES)[case_name]
     size = torch.tensor([], dtype=dtype).element_size()
     out = c.N * c.Lq * c.M * c.D
     grads = c.N * c.S * c.M * c.D + c.N * c.Lq * c.M * c.L * c.P * 3  # value, locations (x, y), weights
     return (out + grads) * size
 
 
-def memory_per_dtype(case: str, impls: list[tuple[str, str]]) -> list[dict]:
+def memory_per_dtype(case: str, impls: list[tuple[str, str]], quick: bool = False) -> list[dict]:
     rows = []
     for impl, dtype in impls:
         cmd = [sys.executable, os.path.join(HERE, "worker.py"), "--case", case, "--impl", impl, "--dtype", dtype,
-               "--threads", "2", "--warmup", "0", "--repeats", "1"]
+               "--threads", "2", "--warmup", "0", "--repeats", "1"] + (["--quick"] if quick else [])
         env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         mem = json.loads(out.strip().splitlines()[-1])["memory"]
-        ret = returned_bytes(case, DTYPES[dtype])
+        ret = returned_bytes(case, DTYPES[dtype], quick)
         rows.append({"case": case, "impl": impl, "dtype": dtype, "peak_extra_bytes": mem["peak_extra_bytes"],
                      "returned_bytes": ret, "working_bytes": max(mem["peak_extra_bytes"] - ret, 0),
                      "method": mem["method"]})
@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of the plumbing, not a measurement")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "dtype_bench.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    timings = time_side_by_side(args.cases, args.rounds, args.calls)
+    timings = time_side_by_side(args.cases, args.rounds, args.calls, args.quick)
     print(f"{'case':12} {'dtype':9} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd x f32':>10} {'f+b x f32':>10}")
     for case, row in timings.items():
         for name in DTYPES:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sp['forward_backward']:10.2f}")
     memory = []
     if not args.no_memory:
-        memory = memory_per_dtype("encoder_n1", [("reference", "float32")] + [("msda", d) for d in DTYPES])
+        memory = memory_per_dtype("encoder_n1", [("reference", "float32")] + [("msda", d) for d in DTYPES], args.quick)
         print(f"\n{'impl':10} {'dtype':9} {'peak MiB':>9} {'returned':>9} {'working':>9} {'x ref f32':>10}")
         for m in memory:
             frac = m.get("fraction_of_reference_float32_peak")
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": load_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "threads": args.threads,
+        "quick": args.quick,
         "msda_cpu_capability": msda._extension.EXTENSION.cpu_capability(),
         "timing_method": f"one process; {args.rounds} rounds, dtypes alternating within each; per round the median "
                          f"of {args.calls} calls; the figure is the median over rounds; forward under no_grad",
