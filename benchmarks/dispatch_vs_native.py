@@ -19,6 +19,7 @@ dispatch (e.g. `git archive <commit> | tar -x -C /tmp/msda-native` and
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results", "dispatch_vs_native.json"))
     a = p.parse_args()
     builds = [b.split("=", 1) for b in a.build]
+    load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     runs: dict[str, list[dict]] = {name: [] for name, _ in builds}
     for r in range(a.rounds):
         order = builds if r % 2 == 0 else builds[::-1]
@@ -117,7 +119,11 @@ def main() -> None:
         print(f"{name:<12} {s['path']:<10} {s['forward_ms']:>11.2f} {s['fwd_bwd_ms']:>11.2f} "
               f"{s['forward_ratio_to_' + first]:>10.3f} {s['fwd_bwd_ratio_to_' + first]:>10.3f}")
     report = {"case": a.case, "rounds": a.rounds, "repeats": a.repeats, "capability": a.capability,
-              "builds": dict(builds), "summary": summary, "runs": runs, "machine": machine()}
+              "builds": dict(builds), "summary": summary, "runs": runs, "machine": machine(),
+              "load_average_at_start": load_at_start,
+              "method": "fresh process per measurement, builds alternating (order reversed every other round); "
+                        "per round the median of the repeats; the figure is the median over rounds",
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)

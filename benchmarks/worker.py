@@ -35,21 +35,22 @@ from module_bench import (  # noqa: E402
 )
 from timing import forward_and_backward, time_calls  # noqa: E402
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 OP_ARGS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
 
 
-def op_closures(name: str, impl: str, device: torch.device, quick: bool):
+def op_closures(name: str, impl: str, device: torch.device, quick: bool, dtype: torch.dtype = torch.float32):
     """(forward, forward+backward, tiny warm-up, dims) for an op-level case."""
     case = (QUICK_OP_CASES if quick else OP_CASES)[name]
     fn = msda.ms_deform_attn if impl == "msda" else msda.ms_deform_attn_reference
-    tiny = make_op_inputs(QUICK_OP_CASES["decoder"], device)
+    tiny = make_op_inputs(QUICK_OP_CASES["decoder"], device, dtype)
 
     def tiny_call() -> None:
         for key in ("value", "sampling_locations", "attention_weights"):
             tiny[key].requires_grad_(True)
         fn(*(tiny[k] for k in OP_ARGS)).backward(tiny["grad_output"])
 
-    inputs = make_op_inputs(case, device)
+    inputs = make_op_inputs(case, device, dtype)
     leaves = [inputs[k].requires_grad_(True) for k in ("value", "sampling_locations", "attention_weights")]
     args = [inputs[k] for k in OP_ARGS]
 
@@ -117,15 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="first one is used for memory")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="value, locations, weights and grad_output (op cases only)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     is_module = args.case in MODULE_CASES
-    closures = module_closures if is_module else op_closures
-    forward, step, tiny_call, dims = closures(args.case, args.impl, device, args.quick)
+    if is_module:
+        if args.dtype != "float32":
+            parser.error("--dtype applies to op cases only")
+        forward, step, tiny_call, dims = module_closures(args.case, args.impl, device, args.quick)
+    else:
+        forward, step, tiny_call, dims = op_closures(args.case, args.impl, device, args.quick, DTYPES[args.dtype])
     result = measure(forward, step, tiny_call, device, args.threads, args.warmup, args.repeats)
     result.update({"case": args.case, "impl": args.impl, "device": args.device, "kind": "module" if is_module else "op",
-                   "dims": dims})
+                   "dims": dims, "dtype": args.dtype})
     print(json.dumps(result))
     return 0
 

@@ -40,7 +40,7 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, "MSDA_CPU_CAPABILITIES")}
     env.update(extra)
     return env
 
@@ -73,6 +73,26 @@ def test_variable_selects_each_allowed_path(value):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == value
     assert ENV not in result.stderr  # no warning for an honoured value
+
+
+@pytest.mark.parametrize("value", [v.upper() for v in ALLOWED] + [v.capitalize() for v in ALLOWED])
+def test_variable_accepts_any_case(value):
+    result = _chosen_in_subprocess(value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == value.lower()
+    assert ENV not in result.stderr
+
+
+def test_build_variable_at_run_time_warns():
+    # MSDA_CPU_CAPABILITIES (plural) is setup.py's: at run time it changes nothing, and says so.
+    code = "import msda._extension as e; print(e.EXTENSION.cpu_capability())"
+    result = subprocess.run([sys.executable, "-W", "always", "-c", code], env=_env(MSDA_CPU_CAPABILITIES="default"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ALLOWED[0]
+    assert "MSDA_CPU_CAPABILITIES is read only when msda is built" in result.stderr
+    assert f"set {ENV}" in result.stderr
+    assert "MSDA_CPU_CAPABILITIES" not in _chosen_in_subprocess(None).stderr
 
 
 @pytest.mark.parametrize("value", ["sse9", "AVX2 ", "native"])

@@ -67,7 +67,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("D", [1, 3, 4, 8, 12, 16, 24, 32, 40, 48, 64, 72, 96, 128, 160, 256])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_every_channel_path(layout, D, dtype):
     case = make_case(N=1, M=3, D=D, P=3, seed=D, value_dtype=dtype, **LAYOUTS[layout])
     out, grads = run_op(msda.ms_deform_attn, case)

@@ -29,6 +29,7 @@
 
 #include "cpu/geometry.h"
 #include "cpu/head_copies.h"
+#include "cpu/item_inputs.h"
 #include "cpu/layout.h"
 #include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
@@ -145,6 +146,13 @@ inline void point_gradients(const BackwardItem<scalar_t, acc_t>& it, const Point
 // grad_output are contiguous runs instead of 1/M-strided ones. Groups shrink
 // to one head before channels are cut into blocks; with per-head copies a
 // group is always one head.
+// Whether point_gradients may write the outputs in place (both in acc_t).
+template <typename acc_t>
+inline bool blocks_direct_ok(const ItemOutput<acc_t>& grad_loc, const ItemOutput<acc_t>& grad_attn) {
+  return grad_loc.type == c10::CppTypeToScalarType<acc_t>::value &&
+         grad_attn.type == c10::CppTypeToScalarType<acc_t>::value;
+}
+
 struct WorkSplit {
   int64_t heads_per_group, groups, block_count, block_width;
 };
@@ -157,10 +165,18 @@ inline WorkSplit work_split(const Problem& p, bool one_head_per_group) {
   return {heads, groups, blocks.count, blocks.width};
 }
 
-template <typename scalar_t>
-void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
-                     const acc_type<scalar_t>* attn, const acc_type<scalar_t>* grad_out,
-                     acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn) {
+// grad_value is acc_t (grad_t = acc_t) or value's own 16-bit type (grad_t =
+// scalar_t). In acc_t without per-head copies the kernel accumulates into it,
+// so it must be zero; otherwise the kernel writes all of it. In 16-bit every
+// task sums into a private float32 buffer (the per-head copy, or without
+// copies a dense buffer of its slice, zeroed per task) that is rounded once,
+// on the copy out: no full-size float32 grad_value exists, and the 16-bit
+// output is the only full-size memory written.
+template <typename scalar_t, typename grad_t>
+void backward_kernel(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
+                     const ItemInput<acc_type<scalar_t>>& attn, const ItemInput<acc_type<scalar_t>>& grad_out,
+                     grad_t* grad_value_data, const ItemOutput<acc_type<scalar_t>>& grad_loc,
+                     const ItemOutput<acc_type<scalar_t>>& grad_attn) {
   using acc_t = acc_type<scalar_t>;
   using Vec = typename VecLoad<scalar_t>::Vec;
   const Problem& p = layout.p;
@@ -171,6 +187,13 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
   // With per-head copies (head_copies.h) a task is one head (n, m) and channel
   // block, working on dense copies of its slices of value and grad_value.
   const bool copies = backward_uses_head_copies(p);
+  // Sums in place (acc_t without copies), or in a task's private buffer.
+  constexpr bool kNarrowGrad = !std::is_same_v<grad_t, acc_t>;
+  const bool private_grad = copies || kNarrowGrad;
+  acc_t* const grad_value = private_grad ? nullptr : reinterpret_cast<acc_t*>(grad_value_data);
+  // Item gradients go straight to the outputs when those are acc_t and there
+  // is one block; otherwise through these (one item's worth).
+  const bool direct = blocks_direct_ok(grad_loc, grad_attn);
   const WorkSplit split = work_split(p, copies);
   const int64_t blocks = split.block_count;
   // With one block the sums go straight to the outputs; otherwise each block
@@ -181,8 +204,11 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
     const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
     std::vector<acc_t> scratch(split.block_width);  // grad_value writes of corners outside the map land here
     std::vector<scalar_t> value_rows(copies ? p.S * split.block_width : 0);
-    std::vector<acc_t> grad_rows(copies ? p.S * split.block_width : 0);
+    // The task's grad_value slice, dense: rows of its heads' channels side by side.
+    std::vector<acc_t> grad_rows(private_grad ? p.S * split.heads_per_group * split.block_width : 0);
     BackwardItem<scalar_t, acc_t> it(points_per_item);
+    std::vector<acc_t> loc_buffer(2 * points_per_item), attn_buffer(points_per_item), go_buffer(split.block_width);
+    std::vector<acc_t> grad_loc_item(direct ? 0 : 2 * points_per_item), grad_attn_item(direct ? 0 : points_per_item);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task % blocks;
       const int64_t group = (task / blocks) % split.groups;
@@ -192,22 +218,24 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
       const int64_t m_begin = group * split.heads_per_group;
       const int64_t m_end = std::min(p.M, m_begin + split.heads_per_group);
       const int64_t slice = n * p.S * row_stride + m_begin * p.D + c0;  // the task's first row slice
-      if (copies) {  // one head per task
-        copy_rows_in(value + slice, p.S, row_stride, width, value_rows.data());
-        std::fill(grad_rows.begin(), grad_rows.begin() + p.S * width, acc_t(0));
-      }
+      // The width of the task's dense grad_value rows: its heads' channel blocks
+      // side by side (with several heads per group there is one block, so in
+      // grad_value too they are one contiguous run per row).
+      const int64_t grad_width = (m_end - m_begin) * width;
+      if (copies) copy_rows_in(value + slice, p.S, row_stride, width, value_rows.data());  // one head per task
+      if (private_grad) std::fill(grad_rows.begin(), grad_rows.begin() + p.S * grad_width, acc_t(0));
       for (int64_t q = 0; q < p.Lq; ++q) {
         if (q + kPrefetchAhead < p.Lq) {
           // Each task reads its heads' slices of the per-query arrays, strided
           // by the other heads': fetch a few queries ahead so they arrive in time.
           const int64_t ahead = (n * p.Lq + q + kPrefetchAhead) * p.M + m_begin;
           const int64_t runs = (m_end - m_begin) * points_per_item;
-          prefetch_range(loc + 2 * ahead * points_per_item, 2 * runs * sizeof(acc_t));
-          prefetch_range(attn + ahead * points_per_item, runs * sizeof(acc_t));
-          prefetch_range(grad_out + ahead * p.D + c0, (m_end - m_begin) * p.D * sizeof(acc_t));
+          prefetch_range(loc.address(2 * ahead * points_per_item), 2 * runs * c10::elementSize(loc.type));
+          prefetch_range(attn.address(ahead * points_per_item), runs * c10::elementSize(attn.type));
+          prefetch_range(grad_out.address(ahead * p.D + c0), (m_end - m_begin) * p.D * c10::elementSize(grad_out.type));
           if (blocks == 1) {
-            prefetch_range(grad_loc + 2 * ahead * points_per_item, 2 * runs * sizeof(acc_t));
-            prefetch_range(grad_attn + ahead * points_per_item, runs * sizeof(acc_t));
+            prefetch_range(grad_loc.address(2 * ahead * points_per_item), 2 * runs * c10::elementSize(grad_loc.type));
+            prefetch_range(grad_attn.address(ahead * points_per_item), runs * c10::elementSize(grad_attn.type));
           }
         }
         for (int64_t m = m_begin; m < m_end; ++m) {
@@ -216,12 +244,13 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
           const CornerTarget targets[2] = {
               copies ? corner_target(static_cast<const scalar_t*>(value_rows.data()), width, zeros.data())
                      : corner_target(value + head_offset, row_stride, zeros.data()),
-              copies ? corner_target(static_cast<const acc_t*>(grad_rows.data()), width,
-                                     static_cast<const acc_t*>(scratch.data()))
+              private_grad ? corner_target(static_cast<const acc_t*>(grad_rows.data()) + (m - m_begin) * width,
+                                           grad_width, static_cast<const acc_t*>(scratch.data()))
                      : corner_target(static_cast<const acc_t*>(grad_value + head_offset), row_stride,
                                      static_cast<const acc_t*>(scratch.data()))};
-          it.geometry.compute(levels, loc + 2 * item * points_per_item, attn + item * points_per_item, targets);
-          const acc_t* go = grad_out + item * p.D + c0;
+          it.geometry.compute(levels, loc.at(2 * item * points_per_item, 2 * points_per_item, loc_buffer.data()),
+                              attn.at(item * points_per_item, points_per_item, attn_buffer.data()), targets);
+          const acc_t* go = grad_out.at(item * p.D + c0, width, go_buffer.data());
           // Register-resident grad_output for the common widths.
           if (width == 4 * Vec::size()) {
             scatter_and_dot<4>(it, go, width);
@@ -233,20 +262,30 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
             scatter_and_dot<0>(it, go, width);
           }
           const int64_t idx = item * points_per_item;
-          if (blocks == 1) {
-            point_gradients(it, levels, grad_attn + idx, grad_loc + 2 * idx, 1, 2);
+          if (blocks == 1 && direct) {
+            point_gradients(it, levels, static_cast<acc_t*>(grad_attn.data) + idx,
+                            static_cast<acc_t*>(grad_loc.data) + 2 * idx, 1, 2);
+          } else if (blocks == 1) {
+            point_gradients(it, levels, grad_attn_item.data(), grad_loc_item.data(), 1, 2);
+            grad_attn.store(idx, points_per_item, grad_attn_item.data());
+            grad_loc.store(2 * idx, 2 * points_per_item, grad_loc_item.data());
           } else {
             acc_t* part = partial.data() + (block * points + idx) * 3;
             point_gradients(it, levels, part, part + 1, 3, 3);
           }
         }
       }
-      if (copies) copy_rows_out(grad_rows.data(), p.S, width, grad_value + slice, row_stride);
+      if (private_grad) {
+        for (int64_t r = 0; r < p.S; ++r) {
+          narrow(grad_rows.data() + r * grad_width, grad_width, grad_value_data + slice + r * row_stride);
+        }
+      }
     }
   });
 
   if (blocks > 1) {
     at::parallel_for(0, points, 4096, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> attn_sums(end - begin), loc_sums(2 * (end - begin));
       for (int64_t idx = begin; idx < end; ++idx) {
         acc_t sums[3] = {0, 0, 0};
         for (int64_t b = 0; b < blocks; ++b) {
@@ -255,10 +294,12 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const acc_type
           sums[1] += part[1];
           sums[2] += part[2];
         }
-        grad_attn[idx] = sums[0];
-        grad_loc[2 * idx] = sums[1];
-        grad_loc[2 * idx + 1] = sums[2];
+        attn_sums[idx - begin] = sums[0];
+        loc_sums[2 * (idx - begin)] = sums[1];
+        loc_sums[2 * (idx - begin) + 1] = sums[2];
       }
+      grad_attn.store(begin, end - begin, attn_sums.data());
+      grad_loc.store(2 * begin, 2 * (end - begin), loc_sums.data());
     });
   }
 }

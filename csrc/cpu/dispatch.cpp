@@ -3,6 +3,7 @@
 // flags only, like everything outside csrc/cpu/capability/.
 #include "cpu/dispatch.h"
 
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -53,9 +54,12 @@ X86Features detect_x86() {
 }
 #endif
 
+// Any case is accepted ("AVX2", "Avx512"); anything else, spaces included, is not.
 bool parse(const std::string& text, Capability& out) {
+  std::string lower(text);
+  for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   for (int c = 0; c < kCapabilityCount; ++c) {
-    if (text == capability_name(static_cast<Capability>(c))) {
+    if (lower == capability_name(static_cast<Capability>(c))) {
       out = static_cast<Capability>(c);
       return true;
     }

@@ -26,7 +26,7 @@
 //   which could run before the registrations it reads): the best
 //   capability that was compiled and that this CPU and its operating system
 //   support, or a lower one asked for with MSDA_CPU_CAPABILITY
-//   (avx512|avx2|default; a value that cannot be honoured is refused with a
+//   (avx512|avx2|default, in any case; a value that cannot be honoured is refused with a
 //   warning at import, see refusal_message()).
 #pragma once
 

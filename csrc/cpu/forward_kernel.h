@@ -6,8 +6,8 @@
 // on value itself (forward_items). Either way the geometry of an item's L*P
 // points is computed once (vectorised over points), then each block of
 // channels accumulates all points and corners in registers, and a software
-// pipeline computes the geometry of the item two ahead, and prefetches its
-// corner rows, before sampling the current one.
+// pipeline computes the geometry of the item two ahead (forward_items also
+// prefetches its corner rows) before sampling the current one.
 #pragma once
 
 #include "cpu/per_capability.h"
@@ -19,6 +19,7 @@
 
 #include "cpu/geometry.h"
 #include "cpu/head_copies.h"
+#include "cpu/item_inputs.h"
 #include "cpu/layout.h"
 #include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
@@ -88,21 +89,21 @@ inline void sample_item(const ForwardGeometry<acc_t>& g, int64_t width, scalar_t
   int64_t c = 0;
   for (; c + kBlock <= width; c += kBlock) {
     sample_channels<4, scalar_t>(g, c, buffer);
-    for (int64_t j = 0; j < kBlock; ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+    narrow(buffer, kBlock, o + c);
   }
   if (c + 2 * Vec::size() <= width) {
     sample_channels<2, scalar_t>(g, c, buffer);
-    for (int64_t j = 0; j < 2 * Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+    narrow(buffer, 2 * Vec::size(), o + c);
     c += 2 * Vec::size();
   }
   if (c + Vec::size() <= width) {
     sample_channels<1, scalar_t>(g, c, buffer);
-    for (int64_t j = 0; j < Vec::size(); ++j) o[c + j] = static_cast<scalar_t>(buffer[j]);
+    narrow(buffer, Vec::size(), o + c);
     c += Vec::size();
   }
   if (c < width) {
     sample_tail<scalar_t>(g, c, width, buffer);
-    for (int64_t j = c; j < width; ++j) o[j] = static_cast<scalar_t>(buffer[j - c]);
+    narrow(buffer, width - c, o + c);
   }
 }
 
@@ -115,15 +116,25 @@ constexpr int64_t kAhead = 2;
 template <typename acc_t>
 struct GeometryRing {
   std::vector<ForwardGeometry<acc_t>> slots;
-  explicit GeometryRing(int64_t points) : slots(kAhead + 1, ForwardGeometry<acc_t>(points)) {}
+  std::vector<acc_t> loc_buffer, attn_buffer;  // one item's 16-bit inputs widened (item_inputs.h)
+  int64_t points;
+  explicit GeometryRing(int64_t points)
+      : slots(kAhead + 1, ForwardGeometry<acc_t>(points)), loc_buffer(2 * points), attn_buffer(points),
+        points(points) {}
   ForwardGeometry<acc_t>& operator[](int64_t step) { return slots[step % (kAhead + 1)]; }
+  // The geometry of `item` into the slot of `step`.
+  void compute(int64_t step, int64_t item, const PointLevels<acc_t>& levels, const ItemInput<acc_t>& loc,
+               const ItemInput<acc_t>& attn, const CornerTarget (&targets)[1]) {
+    (*this)[step].compute(levels, loc.at(2 * item * points, 2 * points, loc_buffer.data()),
+                          attn.at(item * points, points, attn_buffer.data()), targets);
+  }
 };
 
 // Every item (n, q, m) in memory order, reading value in place: locations,
 // weights and outputs stream contiguously.
 template <typename scalar_t>
-void forward_items(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
-                   const acc_type<scalar_t>* attn, scalar_t* out) {
+void forward_items(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
+                   const ItemInput<acc_type<scalar_t>>& attn, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   const Problem& p = layout.p;
   const int64_t row_stride = p.M * p.D;
@@ -138,10 +149,9 @@ void forward_items(const Layout& layout, const scalar_t* value, const acc_type<s
     auto compute = [&](int64_t item) {
       const int64_t m = item % p.M;
       const int64_t n = item / p.M / p.Lq;
-      ForwardGeometry<acc_t>& g = ring[item - begin];
       const CornerTarget targets[1] = {corner_target(value + n * p.S * row_stride + m * p.D, row_stride, zeros.data())};
-      g.compute(levels, loc + 2 * item * points, attn + item * points, targets);
-      prefetch_corners(g, prefetch_bytes);
+      ring.compute(item - begin, item, levels, loc, attn, targets);
+      prefetch_corners(ring[item - begin], prefetch_bytes);
     };
     for (int64_t item = begin; item < std::min(end, begin + kAhead); ++item) compute(item);
     for (int64_t item = begin; item < end; ++item) {
@@ -158,8 +168,8 @@ void forward_items(const Layout& layout, const scalar_t* value, const acc_type<s
 // of one head copies it once. The task's locations, weights and outputs are
 // 1/M-strided, so they are prefetched a few queries ahead.
 template <typename scalar_t>
-void forward_per_head(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
-                      const acc_type<scalar_t>* attn, scalar_t* out) {
+void forward_per_head(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
+                      const ItemInput<acc_type<scalar_t>>& attn, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   constexpr int64_t kQueriesAhead = 8;
   const Problem& p = layout.p;
@@ -187,17 +197,18 @@ void forward_per_head(const Layout& layout, const scalar_t* value, const acc_typ
         copy_rows_in(value + n * p.S * row_stride + m * p.D + c0, p.S, row_stride, width, rows.data());
         rows_hold = slice;
       }
-      const int64_t prefetch_bytes = std::min<int64_t>(width * sizeof(scalar_t), 128);
       const CornerTarget targets[1] = {corner_target(static_cast<const scalar_t*>(rows.data()), width, zeros.data())};
       auto compute = [&](int64_t q) {
         const int64_t item = (n * p.Lq + q) * p.M + m;
-        ForwardGeometry<acc_t>& g = ring[q];
-        g.compute(levels, loc + 2 * item * points, attn + item * points, targets);
-        prefetch_corners(g, prefetch_bytes);
+        ring.compute(q, item, levels, loc, attn, targets);
+        // No prefetch of the corner rows here (forward_items has one): they are
+        // in the dense copy, which stays in L2, and on the encoder shape (Intel
+        // Xeon, 2 cores) the 64 prefetches per item cost more than they saved:
+        // without them the float32 forward took about 30% less CPU time.
         if (q + kQueriesAhead < q_end) {
           const int64_t ahead = item + kQueriesAhead * p.M;
-          prefetch_range(loc + 2 * ahead * points, 2 * points * sizeof(acc_t));
-          prefetch_range(attn + ahead * points, points * sizeof(acc_t));
+          prefetch_range(loc.address(2 * ahead * points), 2 * points * c10::elementSize(loc.type));
+          prefetch_range(attn.address(ahead * points), points * c10::elementSize(attn.type));
         }
       };
       for (int64_t q = q_begin; q < std::min(q_end, q_begin + kAhead); ++q) compute(q);
@@ -210,8 +221,8 @@ void forward_per_head(const Layout& layout, const scalar_t* value, const acc_typ
 }
 
 template <typename scalar_t>
-void forward_kernel(const Layout& layout, const scalar_t* value, const acc_type<scalar_t>* loc,
-                    const acc_type<scalar_t>* attn, scalar_t* out) {
+void forward_kernel(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
+                    const ItemInput<acc_type<scalar_t>>& attn, scalar_t* out) {
   if (forward_uses_head_copies(layout.p)) {
     forward_per_head(layout, value, loc, attn, out);
   } else {

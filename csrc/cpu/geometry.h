@@ -64,9 +64,9 @@ template <typename acc_t, int kTargets>
 struct ItemGeometry {
   int64_t count;
   std::vector<uintptr_t> address[kTargets][4];  // corner row addresses in each target
-  std::vector<acc_t> weight[4];    // bilinear weight of each corner
+  std::vector<acc_t> weight[4];    // bilinear weight of each corner (kTargets 2 only: the backward's)
   std::vector<acc_t> scaled[4];    // weight times the attention weight
-  std::vector<acc_t> fx, fy;       // fractional position inside the cell
+  std::vector<acc_t> fx, fy;       // fractional position inside the cell (kTargets 2 only)
   std::vector<acc_t> attn;         // attention weight; 0 where the point takes no sample
   std::vector<int32_t> sampled;    // 1 where the point takes a sample
 
@@ -139,12 +139,14 @@ struct ItemGeometry {
       const acc_t fxi = x - static_cast<acc_t>(x0), fyi = y - static_cast<acc_t>(y0);
       const acc_t gx = acc_t(1) - fxi, gy = acc_t(1) - fyi;
       const acc_t a = as[i];
-      fxs[i] = fxi;
-      fys[i] = fyi;
-      w0[i] = gy * gx;
-      w1[i] = gy * fxi;
-      w2[i] = fyi * gx;
-      w3[i] = fyi * fxi;
+      if constexpr (kTargets == 2) {  // the backward's; the forward reads only scaled and address
+        fxs[i] = fxi;
+        fys[i] = fyi;
+        w0[i] = gy * gx;
+        w1[i] = gy * fxi;
+        w2[i] = fyi * gx;
+        w3[i] = fyi * fxi;
+      }
       s0[i] = a * (gy * gx);
       s1[i] = a * (gy * fxi);
       s2[i] = a * (fyi * gx);

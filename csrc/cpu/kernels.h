@@ -3,10 +3,12 @@
 // csrc/cpu/capability/ms_deform_attn_kernels.cpp (see dispatch.h).
 //
 // The arguments are prepared by ms_deform_attn_cpu.cpp: value contiguous in
-// its dtype; loc, attn and grad_out contiguous in the accumulation type
-// (float64 for double, float32 otherwise); the outputs allocated (out in
-// value's dtype, the gradients in the accumulation type, grad_value
-// uninitialised: the kernel writes or zeroes all of it).
+// its dtype; loc, attn and grad_out contiguous, each in the accumulation type
+// (float64 for double, float32 otherwise) or in value's 16-bit dtype (the
+// kernels widen one item at a time); the outputs allocated: out in value's
+// dtype; grad_loc and grad_attn in the accumulation type or value's dtype;
+// grad_value uninitialised, in the accumulation type or value's dtype (the
+// kernel writes or zeroes all of it).
 #pragma once
 
 #include <ATen/core/Tensor.h>

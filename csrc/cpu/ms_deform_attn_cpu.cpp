@@ -21,13 +21,22 @@ MSDA_DEFINE_CPU_KERNEL(ms_deform_attn_backward_kernel, BackwardKernel);
 namespace {
 
 // The arguments checked and made ready for the kernels: value contiguous,
-// locations and weights in the accumulation type, the level table copied out.
-// The value-reading checks run here because these tensors are on the CPU.
+// locations and weights in the accumulation type or in value's 16-bit dtype
+// (the kernels read both, kernels.h: no full-size conversion for 16-bit
+// inputs), the level table copied out. The value-reading checks run here
+// because these tensors are on the CPU.
 struct KernelInputs {
   Layout layout;
   at::ScalarType acc;
   at::Tensor value, loc, attn;
 };
+
+// t contiguous, in a dtype the kernels read: its own when that is the
+// accumulation type or value's dtype, else the accumulation type.
+at::Tensor kernel_readable(const at::Tensor& t, at::ScalarType value_type, at::ScalarType acc) {
+  const at::ScalarType type = t.scalar_type() == value_type ? value_type : acc;
+  return t.to(type).contiguous();
+}
 
 KernelInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                             const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
@@ -36,7 +45,8 @@ KernelInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_s
   check_level_values(spatial_shapes, level_start_index, p.S);
   const auto acc = accumulate_type(value.scalar_type());
   return {make_layout(p, spatial_shapes, level_start_index), acc, value.contiguous(),
-          sampling_locations.to(acc).contiguous(), attention_weights.to(acc).contiguous()};
+          kernel_readable(sampling_locations, value.scalar_type(), acc),
+          kernel_readable(attention_weights, value.scalar_type(), acc)};
 }
 
 at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
@@ -57,9 +67,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   const KernelInputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Problem& p = in.layout.p;
   check_grad_output(grad_output, value, p);
-  const at::Tensor go = grad_output.to(in.acc).contiguous();
-  // grad_value accumulates in the accumulation type and is cast at the end
-  // (a no-op for float32 and float64).
+  const at::Tensor go = kernel_readable(grad_output, value.scalar_type(), in.acc);
+  // Every gradient is allocated in its input's dtype where the kernels write
+  // that dtype (kernels.h), so the casts at the end are no-ops.
   // The kernel's tasks are (n, head group, channel block): with no points or
   // no channels (D = 0 gives no channel blocks) no task runs, and every
   // gradient is zero. Zero the outputs here rather than trusting each kernel
@@ -71,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   };
   // When it runs, the kernel writes every location and weight gradient, and
   // writes or zeroes all of grad_value (kernels.h).
-  at::Tensor grad_value = alloc(value.sizes(), value.options().dtype(in.acc));
+  at::Tensor grad_value = alloc(value.sizes(), value.options());
   at::Tensor grad_loc = alloc(sampling_locations.sizes(), in.loc.options());
   at::Tensor grad_attn = alloc(attention_weights.sizes(), in.attn.options());
   if (any_work) {

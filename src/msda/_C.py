@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 
 import torch
 
@@ -65,3 +66,14 @@ def measure_clock_hz() -> float:
 # Decide the CPU path now, at import, as msda always has (the library itself
 # decides at the first kernel call when a C++ program loads it).
 cpu_capability()
+
+# MSDA_CPU_CAPABILITIES (plural) chooses what setup.py compiles; set at run
+# time it does nothing, which a user who meant MSDA_CPU_CAPABILITY would not notice.
+BUILD_VARIABLE_WARNING = (
+    "MSDA_CPU_CAPABILITIES is read only when msda is built (it chooses which CPU kernels setup.py compiles) "
+    "and has no effect at run time; to choose the CPU kernels of this run, set MSDA_CPU_CAPABILITY "
+    "(one of: {allowed})."
+)
+if os.environ.get("MSDA_CPU_CAPABILITIES", "").strip():
+    warnings.warn(BUILD_VARIABLE_WARNING.format(allowed=", ".join(cpu_capabilities_allowed())), RuntimeWarning,
+                  stacklevel=2)

@@ -1,0 +1,168 @@
+"""16-bit against float32 on the CPU: time and working memory per dtype.
+
+Timing: one process, the dtypes side by side. Round after round, each dtype
+runs forward (under ``torch.no_grad``) and forward+backward, the median of
+``--calls`` calls each; the figure per dtype is the median over rounds, so
+load from other work on the machine falls on every dtype alike. The
+speedup of a dtype is float32's time over its time.
+
+Memory: each dtype in a fresh process (worker.py --dtype), on the very first
+full-size forward+backward: peak RSS growth (memory.py states the method).
+"working" subtracts what every implementation returns (the output and the
+three gradients, in their dtypes), which no implementation can avoid.
+
+    python benchmarks/dtype_bench.py [--cases encoder_n1 decoder] [--rounds 5] [--calls 5]
+
+Prints a table, writes benchmarks/results/dtype_bench.json (machine, load
+averages at start and end, method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import msda  # noqa: E402
+from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs  # noqa: E402
+from dispatch_vs_native import machine  # noqa: E402
+from timing import forward_and_backward, time_calls  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARGS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+CPU = torch.device("cpu")
+
+
+def closures(case_name: str, dtype: torch.dtype, quick: bool = False):
+    x = make_op_inputs((QUICK_OP_CASES if quick else OP_CASES)[case_name], CPU, dtype)
+    leaves = [x[k].requires_grad_(True) for k in ("value", "sampling_locations", "attention_weights")]
+    args = [x[k] for k in ARGS]
+
+    def forward() -> None:
+        with torch.no_grad():
+            msda.ms_deform_attn(*args)
+
+    return forward, forward_and_backward(lambda: msda.ms_deform_attn(*args), x["grad_output"], leaves)
+
+
+def time_side_by_side(cases: list[str], rounds: int, calls: int, quick: bool = False) -> dict:
+    results: dict = {}
+    for case in cases:
+        fns = {name: closures(case, dtype, quick) for name, dtype in DTYPES.items()}
+        samples = {name: {"forward": [], "forward_backward": []} for name in DTYPES}
+        for name, (fwd, step) in fns.items():  # warm-up: page faults, thread pools
+            time_calls(fwd, CPU, 2, 1)
+            time_calls(step, CPU, 2, 1)
+        for _ in range(rounds):
+            for name, (fwd, step) in fns.items():
+                samples[name]["forward"].append(time_calls(fwd, CPU, 1, calls)["median_s"])
+                samples[name]["forward_backward"].append(time_calls(step, CPU, 1, calls)["median_s"])
+        row: dict = {}
+        for name in DTYPES:
+            row[name] = {kind: {"median_s": statistics.median(s), "round_medians_s": s}
+                         for kind, s in samples[name].items()}
+        for name in DTYPES:
+            if name != "float32":
+                row[name]["speedup_vs_float32"] = {
+                    kind: row["float32"][kind]["median_s"] / row[name][kind]["median_s"]
+                    for kind in ("forward", "forward_backward")}
+        results[case] = row
+    return results
+
+
+def returned_bytes(case_name: str, dtype: torch.dtype, quick: bool = False) -> int:
+    """The output and the three gradients every implementation hands back."""
+    c = (QUICK_OP_CASES if quick else OP_CASES)[case_name]
+    size = torch.tensor([], dtype=dtype).element_size()
+    out = c.N * c.Lq * c.M * c.D
+    grads = c.N * c.S * c.M * c.D + c.N * c.Lq * c.M * c.L * c.P * 3  # value, locations (x, y), weights
+    return (out + grads) * size
+
+
+def memory_per_dtype(case: str, impls: list[tuple[str, str]], quick: bool = False) -> list[dict]:
+    rows = []
+    for impl, dtype in impls:
+        cmd = [sys.executable, os.path.join(HERE, "worker.py"), "--case", case, "--impl", impl, "--dtype", dtype,
+               "--threads", "2", "--warmup", "0", "--repeats", "1"] + (["--quick"] if quick else [])
+        env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+        mem = json.loads(out.strip().splitlines()[-1])["memory"]
+        ret = returned_bytes(case, DTYPES[dtype], quick)
+        rows.append({"case": case, "impl": impl, "dtype": dtype, "peak_extra_bytes": mem["peak_extra_bytes"],
+                     "returned_bytes": ret, "working_bytes": max(mem["peak_extra_bytes"] - ret, 0),
+                     "method": mem["method"]})
+    reference = next((r for r in rows if r["impl"] == "reference"), None)
+    for r in rows:
+        if reference is not None and r["impl"] == "msda":
+            # The reference computes 16-bit inputs in float32: its float32 figure is its smallest.
+            r["fraction_of_reference_float32_peak"] = r["peak_extra_bytes"] / max(reference["peak_extra_bytes"], 1)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["encoder_n1", "decoder"], choices=sorted(OP_CASES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of the plumbing, not a measurement")
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "dtype_bench.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    timings = time_side_by_side(args.cases, args.rounds, args.calls, args.quick)
+    print(f"{'case':12} {'dtype':9} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd x f32':>10} {'f+b x f32':>10}")
+    for case, row in timings.items():
+        for name in DTYPES:
+            r = row[name]
+            sp = r.get("speedup_vs_float32", {"forward": 1.0, "forward_backward": 1.0})
+            print(f"{case:12} {name:9} {r['forward']['median_s'] * 1e3:11.2f} "
+                  f"{r['forward_backward']['median_s'] * 1e3:11.2f} {sp['forward']:10.2f} "
+                  f"{sp['forward_backward']:10.2f}")
+    memory = []
+    if not args.no_memory:
+        memory = memory_per_dtype("encoder_n1", [("reference", "float32")] + [("msda", d) for d in DTYPES], args.quick)
+        print(f"\n{'impl':10} {'dtype':9} {'peak MiB':>9} {'returned':>9} {'working':>9} {'x ref f32':>10}")
+        for m in memory:
+            frac = m.get("fraction_of_reference_float32_peak")
+            print(f"{m['impl']:10} {m['dtype']:9} {m['peak_extra_bytes'] / 2**20:9.1f} "
+                  f"{m['returned_bytes'] / 2**20:9.1f} {m['working_bytes'] / 2**20:9.1f} "
+                  f"{'' if frac is None else f'{frac:.3f}':>10}")
+    report = {
+        "started_utc": started,
+        "elapsed_s": time.perf_counter() - t0,
+        "command": "python benchmarks/dtype_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "load_average_at_start": load_start,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "threads": args.threads,
+        "quick": args.quick,
+        "msda_cpu_capability": msda._extension.EXTENSION.cpu_capability(),
+        "timing_method": f"one process; {args.rounds} rounds, dtypes alternating within each; per round the median "
+                         f"of {args.calls} calls; the figure is the median over rounds; forward under no_grad",
+        "memory_method": "fresh process per (implementation, dtype), first full-size forward+backward (worker.py); "
+                         "working = peak - output and gradients returned",
+        "timings": timings,
+        "memory": memory,
+    }
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
