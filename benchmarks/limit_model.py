@@ -323,14 +323,18 @@ def markdown(r: dict) -> str:
            "cycles are." if msda["forward"] > 2 * floor["forward"] and msda["backward"] > 2 * floor["backward"]
            else "In at least one pass the data movement is half of msda's cycles or more: there, fewer or "
            "better-placed lines (reuse in L1/L2) are what can help."),
+        f"* So at the goals msda may spend {goal['forward'] - floor['forward']:.1f} (forward) and "
+        f"{goal['backward'] - floor['backward']:.1f} (backward) cycles per sample beyond the data movement; it spends "
+        f"{msda['forward'] - floor['forward']:.1f} and {msda['backward'] - floor['backward']:.1f} now.",
         f"* The floor's speedups are upper bounds for this design (no arithmetic at all): forward "
         f"{model_rows[next(k for k in model_rows if 'dense' in k)]['speedup_over_reference']['forward']:.0f}x, "
         f"forward+backward "
         f"{model_rows[next(k for k in model_rows if 'dense' in k)]['speedup_over_reference']['forward+backward']:.0f}x "
         f"against the goals' 50x and 40x.",
         f"* In the op's memory order on value as laid out it takes {query_major['forward']:.1f} and "
-        f"{query_major['backward']:.1f}: what the dense head-major order saves "
-        f"({query_major['forward'] - floor['forward']:+.1f} / {query_major['backward'] - floor['backward']:+.1f}).",
+        f"{query_major['backward']:.1f} (dense head-major minus this: "
+        f"{floor['forward'] - query_major['forward']:+.1f} / {floor['backward'] - query_major['backward']:+.1f}; "
+        "negative: the dense head-major order moves the data in fewer cycles).",
     ]
     return "\n".join(lines) + "\n"
 
