@@ -269,6 +269,7 @@ def main() -> None:
     output = args.output or os.path.join(HERE, "results", name + ("_split.json" if args.split_only else ".json"))
 
     started = time.time()
+    info = machine_info()  # before the cases: its load average is the one at start
     model = build_model(num_queries=100 if args.quick else 300)
     cases = []
     load_at_start = list(os.getloadavg())
@@ -287,9 +288,8 @@ def main() -> None:
         case["median_seconds"] = medians
         case["speedup"] = {name: medians["transformers"] / m for name, m in medians.items() if name != "transformers"}
 
-    info = machine_info()
     print(f"transformers Deformable DETR (R50, random weights), {info['cpu_model']}, {info['cores']} cores, "
-          f"torch {info['torch']} ({torch.get_num_threads()} threads), load average {info['load_average_at_start']}, "
+          f"torch {info['torch']} ({torch.get_num_threads()} threads), load average at start {info['load_average_at_start']}, "
           f"median of {repeats}")
     print("| case | transformers s | msda layer s | msda s | speed-up (layer) | speed-up (msda) |")
     print("| --- | --- | --- | --- | --- | --- |")
