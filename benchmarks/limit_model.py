@@ -293,7 +293,9 @@ def markdown(r: dict) -> str:
         "",
         f"Reference (grid_sample) in this run: forward {r['ops']['seconds']['reference forward'] * 1e3:.0f} ms, "
         f"forward+backward {r['ops']['seconds']['reference forward+backward'] * 1e3:.0f} ms at "
-        f"{r['ops']['threads']} threads. Speedups assume {r['ops']['threads']} cores each doing the cycles shown.",
+        f"{r['ops']['threads']} threads. Speedups assume {r['ops']['threads']} cores each doing the cycles shown. "
+        f"msda at {r['ops']['threads']} threads is timed interleaved with the reference (as in a model, other work "
+        "between calls), at 1 thread back to back; the floors run on one core, best of 5.",
         "",
         "| | fwd cycles | bwd cycles | fwd+bwd cycles | fwd speedup | fwd+bwd speedup |",
         "|---|---|---|---|---|---|",
