@@ -2,6 +2,7 @@
 against transformers' own grid_sample path, in the same run.
 
     python benchmarks/hf_detr.py [--quick] [--repeats 3]
+    python benchmarks/hf_detr.py --split-only [--repeats 7]
 
 Cases: inference at 800x1333 (left out of ``--quick``), one training step
 (forward, Hungarian-matched loss, backward; batch 2 at 480x640) at a smaller
@@ -17,10 +18,14 @@ with --quick) spends its time in each configuration (module timing hooks): the
 backbone, the deformable attention modules' projections, their attention core
 (transformers' grid_sample layer or msda's op), their own arithmetic (position
 add, masking, softmax, sampling locations), the FFNs and the rest; and the
-ratio msda's path would reach if its core and arithmetic took no time.
+ratio msda's path would reach if its core and arithmetic took no time, and
+msda's share of the inference: (attention core + attention arithmetic) / total
+in msda's configuration, the median of the runs' shares (at least 7 runs
+unless --repeats says otherwise). ``--split-only`` runs the split alone.
 Prints a table and writes JSON
-(benchmarks/results/hf_detr.json, or hf_detr_quick.json with --quick) with
-the machine description.
+(benchmarks/results/hf_detr.json; hf_detr_quick.json with --quick;
+hf_detr_split.json with --split-only) with the machine description and the
+load average at start and end.
 """
 
 from __future__ import annotations
@@ -157,10 +162,22 @@ def split_case(model, height: int, width: int, repeats: int) -> dict:
             return "attention projections"
         return ""
 
-    hooks = []
+    hooks, wrapped = [], []
     for name, module in model.named_modules():
         key = part(name, module)
-        if key:
+        if key == "attention projections":
+            # Timed by wrapping the instance's forward, not by a forward hook:
+            # msda's modules write their softmax and locations into a
+            # projection's output only when no forward hook could hold it.
+            def timed(*args, _forward=module.forward, _key=key, **kwargs):
+                start = time.perf_counter()
+                out = _forward(*args, **kwargs)
+                spent[_key] = spent.get(_key, 0.0) + time.perf_counter() - start
+                return out
+
+            module.forward = timed
+            wrapped.append(module)
+        elif key:
             def pre(m, args):
                 started[id(m)] = time.perf_counter()
 
@@ -192,6 +209,8 @@ def split_case(model, height: int, width: int, repeats: int) -> dict:
     finally:
         for hook in hooks:
             hook.remove()
+        for module in wrapped:
+            del module.forward  # the class's forward again
     split = {
         name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()
     }
@@ -202,6 +221,10 @@ def split_case(model, height: int, width: int, repeats: int) -> dict:
         "seconds": {name: [r["total"] for r in rs] for name, rs in runs.items()},
         "parts_median_seconds": split,
         "speedup_if_msda_core_and_arithmetic_were_free": split["transformers"]["total"] / floor,
+        # Per run, so that the share and its parts come from the same inference.
+        "msda_share": statistics.median(
+            (r["attention core"] + r["attention arithmetic"]) / r["total"] for r in runs["msda"]),
+        "msda_share_runs": [(r["attention core"] + r["attention arithmetic"]) / r["total"] for r in runs["msda"]],
     }
 
 
@@ -237,21 +260,27 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes only (no 800x1333), 1 timed run")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 3, quick 1)")
     p.add_argument("--split", action="store_true", help="also time the parts of one inference (module hooks)")
+    p.add_argument("--split-only", action="store_true", help="time only the parts of one inference (default 7 runs)")
     p.add_argument("--output", default=None)
     args = p.parse_args()
-    repeats = args.repeats or (1 if args.quick else 3)
-    output = args.output or os.path.join(HERE, "results", "hf_detr_quick.json" if args.quick else "hf_detr.json")
+    repeats = args.repeats or (1 if args.quick else 7 if args.split_only else 3)
+    split_repeats = args.repeats or (1 if args.quick else 7)
+    name = "hf_detr_quick" if args.quick else "hf_detr"
+    output = args.output or os.path.join(HERE, "results", name + ("_split.json" if args.split_only else ".json"))
 
     started = time.time()
+    info = machine_info()  # before the cases: its load average is the one at start
     model = build_model(num_queries=100 if args.quick else 300)
     cases = []
-    if not args.quick:
-        cases.append(inference_case(model, 800, 1333, repeats))
-    cases.append(inference_case(model, 320, 480, repeats) if args.quick else None)
-    cases.append(training_case(model, *((256, 384) if args.quick else (480, 640)), repeats))
-    cases.append(locations_case(*((320, 480) if args.quick else (800, 1333)), max(repeats, 5)))
-    if args.split:
-        cases.append(split_case(model, *((320, 480) if args.quick else (800, 1333)), repeats))
+    load_at_start = list(os.getloadavg())
+    if not args.split_only:
+        if not args.quick:
+            cases.append(inference_case(model, 800, 1333, repeats))
+        cases.append(inference_case(model, 320, 480, repeats) if args.quick else None)
+        cases.append(training_case(model, *((256, 384) if args.quick else (480, 640)), repeats))
+        cases.append(locations_case(*((320, 480) if args.quick else (800, 1333)), max(repeats, 5)))
+    if args.split or args.split_only:
+        cases.append(split_case(model, *((320, 480) if args.quick else (800, 1333)), split_repeats))
     cases = [c for c in cases if c is not None]
 
     for case in cases:
@@ -259,9 +288,8 @@ def main() -> None:
         case["median_seconds"] = medians
         case["speedup"] = {name: medians["transformers"] / m for name, m in medians.items() if name != "transformers"}
 
-    info = machine_info()
     print(f"transformers Deformable DETR (R50, random weights), {info['cpu_model']}, {info['cores']} cores, "
-          f"torch {info['torch']} ({torch.get_num_threads()} threads), load average {info['load_average_at_start']}, "
+          f"torch {info['torch']} ({torch.get_num_threads()} threads), load average at start {info['load_average_at_start']}, "
           f"median of {repeats}")
     print("| case | transformers s | msda layer s | msda s | speed-up (layer) | speed-up (msda) |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -281,6 +309,8 @@ def main() -> None:
                 print(f"| {key} | {split['transformers'][key]:.3f} | {split['msda'][key]:.3f} |")
             print(f"speed-up if msda's attention core and arithmetic took no time: "
                   f"{case['speedup_if_msda_core_and_arithmetic_were_free']:.2f}x")
+            print(f"msda's share of the inference (attention core + arithmetic) / total: {case['msda_share']:.1%} "
+                  f"(median of {len(case['msda_share_runs'])} runs)")
 
     result = {
         "benchmark": "hf_detr",
@@ -291,6 +321,9 @@ def main() -> None:
         "cases": cases,
         "machine": info,
         "elapsed_s": time.time() - started,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()),
+        "command": "python benchmarks/hf_detr.py " + " ".join(sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(os.path.dirname(output), exist_ok=True)

@@ -1,19 +1,27 @@
-"""Bar chart of msda's speedup over the reference per shape (forward, forward+backward, memory)."""
+"""Bar chart of msda's speedup over the reference per shape (forward, forward+backward, memory).
+
+matplotlib is imported only when a chart is drawn: the benchmarks measure and
+write their JSON and markdown without it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on the benchmark machines
+def plot_speedups(rows: list[dict[str, Any]], path: str, title: str) -> bool:
+    """One group of bars per (case, device): fwd speedup, fwd+bwd speedup, memory reduction; log scale.
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # no display on the benchmark machines
+    import matplotlib.pyplot as plt
+    import numpy as np
 
-
-def plot_speedups(rows: list[dict[str, Any]], path: str, title: str) -> None:
-    """One group of bars per (case, device): fwd speedup, fwd+bwd speedup, memory reduction; log scale."""
     rows = [r for r in rows if "speedup_forward" in r]
     labels = [r["case"] + ("" if r["device"] == "cpu" else f"\n({r['device']})") for r in rows]
     series = [
@@ -37,3 +45,4 @@ def plot_speedups(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

@@ -218,10 +218,11 @@ def write_outputs(report: dict[str, Any], out: str) -> None:
     with open(md_path, "w") as f:
         f.write(text)
     title = f"msda vs grid_sample reference, {report['machine']['cpu_model']}, {threads} threads"
-    plot_speedups(rows, png_path, title + (" (--quick)" if report["settings"]["quick"] else ""))
+    plotted = plot_speedups(rows, png_path, title + (" (--quick)" if report["settings"]["quick"] else ""))
     print()
     print(text)
-    print(f"wrote {json_path}, {md_path}, {png_path}")
+    print(f"wrote {json_path}, {md_path}" + (f", {png_path}" if plotted else
+                                             " (no plot: matplotlib is not installed)"))
     if report["settings"]["quick"]:
         print("--quick: a smoke run; its numbers are not measurements (run without --quick to measure)")
     return 0

@@ -129,7 +129,9 @@ def markdown(report: dict) -> str:
         "# v2 op benchmark (RT-DETRv2 / D-FINE decoder, 640x640 input)",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, {torch.get_num_threads()} threads; "
-        f"{m['msda_build']}. Load average at start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}.",
+        f"{m['msda_build']}. Load average at start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}"
+        + (f", at end: {', '.join(f'{x:.2f}' for x in report['load_average_at_end'])}" if "load_average_at_end" in report
+           else "") + (f"; {report['date_utc']}" if "date_utc" in report else "") + ".",
         f"Shape: N {N}, Lq {LQ}, M {M}, D {D}, levels {', '.join(f'{h}x{w}' for h, w in LEVELS)}; float32; "
         f"median of {report['repeats']} interleaved calls each.",
         "",
@@ -220,16 +222,20 @@ def main() -> int:
     if args.worker:
         v1_worker(args)
         return 0
-    report = {"machine": machine(), "repeats": args.repeats, "threads": torch.get_num_threads()}
+    report = {"machine": machine(), "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": "python benchmarks/v2_bench.py " + " ".join(sys.argv[1:])}
     if args.v1_check:
         report.update(v1_check(args))
         path = args.out + "_v1_check.json"
     else:
         report.update(run_cases(args))
+        report["load_average_at_end"] = list(os.getloadavg())
         with open(args.out + ".md", "w") as f:
             f.write(markdown(report))
         print(markdown(report))
         path = args.out + ".json"
+    report["load_average_at_end"] = list(os.getloadavg())
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

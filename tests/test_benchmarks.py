@@ -2,7 +2,8 @@
 
 No timing assertions: this checks the suite's plumbing (a process per case,
 memory and timing fields, targets, roofline, plot), not the machine, and that
-a smoke run passes no verdicts.
+a smoke run passes no verdicts. Every benchmark script also runs without
+matplotlib (imported only to draw the chart).
 """
 
 from __future__ import annotations
@@ -15,19 +16,59 @@ import sys
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_ALL = os.path.join(REPO_ROOT, "benchmarks", "run_all.py")
+BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
+RUN_ALL = os.path.join(BENCHMARKS, "run_all.py")
+# The benchmark scripts a user runs (each has a command line).
+SCRIPTS = ("run_all.py", "worker.py", "v2_bench.py", "hf_detr.py", "detr_inference.py", "onnx_detr.py",
+           "omp_wait_policy.py", "quick_check.py", "dispatch_vs_native.py", "limit_model.py")
 
-pytest.importorskip("matplotlib")
 
+def _env(*first: str) -> dict:
+    """os.environ with PYTHONPATH led by `first` and then the msda these tests import.
 
-def test_quick_run_writes_results(tmp_path):
-    # The suite must benchmark the very msda these tests import (the installed
-    # package in CI, an in-place build in development), not a bare source tree.
+    The suite must benchmark the very msda these tests import (the installed
+    package in CI, an in-place build in development), not a bare source tree.
+    """
     import msda
 
     env = dict(os.environ)
     msda_parent = os.path.dirname(os.path.dirname(os.path.abspath(msda.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (msda_parent, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*first, msda_parent, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _without_matplotlib(tmp_path) -> dict:
+    """An environment whose `import matplotlib` fails, in this process's children and theirs."""
+    blocker = tmp_path / "blocked" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("matplotlib blocked by the test")\n')
+    return _env(str(tmp_path / "blocked"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help_without_matplotlib(tmp_path, script):
+    assert os.path.exists(os.path.join(BENCHMARKS, script)), script
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), "--help"], capture_output=True,
+                          text=True, env=_without_matplotlib(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout
+
+
+def test_quick_run_without_matplotlib(tmp_path):
+    # Measurements and tables do not need matplotlib: only the chart is skipped, and the run says so.
+    out = tmp_path / "out"
+    cmd = [sys.executable, RUN_ALL, "--quick", "--no-cuda", "--out", str(out), "--only", "decoder"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_without_matplotlib(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "benchmark.json").stat().st_size > 0
+    assert "| decoder |" in (out / "benchmark.md").read_text()
+    assert not (out / "speedup.png").exists()
+    assert "matplotlib is not installed" in proc.stdout
+
+
+def test_quick_run_writes_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = _env()
     cmd = [sys.executable, RUN_ALL, "--quick", "--no-cuda", "--out", str(tmp_path),
            "--only", "encoder_n1", "decoder", "module_layer"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -75,3 +116,21 @@ def test_quick_run_writes_results(tmp_path):
     assert "not measurements" in text and "not measurements" in proc.stdout
     assert report["peaks"]["derived"] == {"available": False, "why": "--quick"}
     assert "Derived" not in text
+
+
+@pytest.mark.skipif(sys.platform != "linux" or "avx512f" not in open("/proc/cpuinfo").read(),
+                    reason="limit_model.py compiles an AVX-512 loop with -march=native")
+def test_limit_model_quick_run(tmp_path):
+    # Plumbing only: the sample file, line_cost.cpp's JSON, the model rows and both outputs.
+    out = str(tmp_path / "limit")
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "limit_model.py"), "--quick", "--repeats", "1",
+                           "--out", out], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(open(out + ".json").read())
+    assert report["quick"] is True and report["case"]["samples"] > 0
+    assert set(report["floor_raw"]["orders"]) == {"query-major", "head-major", "head-major, dense head copies"}
+    for row in report["model"].values():
+        assert row["cycles_per_sample"]["forward"] > 0 and row["speedup_over_reference"]["forward"] > 0
+    assert len(report["load_average_at_end"]) == 3 and report["clock_hz"] > 0
+    text = open(out + ".md").read()
+    assert "not measurements" in text and "| msda, 1 thread |" in text

@@ -590,3 +590,34 @@ def test_find_sites_scans_without_importing():
         warnings.simplefilter("error")  # transformers 5.24: every site is understood
         with msda_hf.enable() as handle:
             assert set(handle.switched) == {str(s) for s in sites} and handle.skipped == {}
+
+
+def test_projection_outputs_reused_only_when_nobody_holds_them(monkeypatch):
+    # In inference the attention modules write the softmax into the
+    # attention_weights projection's output and the locations into the
+    # sampling_offsets projection's output (no allocation of their size). A
+    # forward hook may keep those outputs: then they must stay as returned.
+    torch.manual_seed(0)
+    model, inputs, names = _deformable_detr()
+    want = _run(model, inputs, names)
+    reused = []
+    real = _shared.reusable_output
+    monkeypatch.setattr(_hf_forwards, "reusable_output", lambda m, t: reused.append(real(m, t)) or reused[-1])
+    with msda_hf.enable():
+        got = _run(model, inputs, names)
+        assert reused and all(reused)  # no hook: every projection output was reused
+        for n in names:
+            torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=0)
+        kept = []
+        projections = [m for name, m in model.named_modules() if name.endswith(("sampling_offsets", "attention_weights"))]
+        hooks = [m.register_forward_hook(lambda mod, args, out: kept.append((out, out.clone()))) for m in projections]
+        del reused[:]
+        try:
+            _run(model, inputs, names)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(kept) == len(projections) > 0
+        assert reused and not any(reused)  # every projection is hooked now
+        for out, copy_at_return in kept:
+            assert torch.equal(out, copy_at_return)

@@ -19,4 +19,7 @@ def test_v2_bench_smoke(tmp_path):
     cases = {(str(r["points"]), r["method"], r["pass"]) for r in report["rows"]}
     assert len(cases) == 8 and all(r["speedup"] > 0 for r in report["rows"])
     assert report["machine"]["cores"] >= 1
+    # Whether the machine was idle is part of the measurement: load at start and end, and the date.
+    assert len(report["machine"]["load_average_at_start"]) == 3 and len(report["load_average_at_end"]) == 3
+    assert report["date_utc"].endswith("Z")
     assert "| points | method |" in open(out + ".md").read()

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -59,20 +61,84 @@ struct DiscretePoints {
   std::vector<float> size_xy, last_xy;
   bool vector_index = false;
 
+#if defined(CPU_CAPABILITY_AVX512)
+  // For item_pointers: per coordinate lane (x, y of each point, 16 points at
+  // most), y's factor W (x's: 1) and the level's first row (on x's lane).
+  static constexpr int64_t kItemPoints = 16;
+  alignas(64) int32_t row_factor[2 * kItemPoints] = {};
+  alignas(64) int32_t row_start[2 * kItemPoints] = {};
+  bool item_vector = false;
+#endif
+
   explicit DiscretePoints(const Layout& layout)
       : width(layout.W), height(layout.H), start(layout.start) {
     constexpr int64_t kExactInFloat = int64_t(1) << 24;
     vector_index = std::is_same_v<loc_t, float>;
+    bool rows_in_int32 = true;
     for (int64_t i = 0; i < layout.p.L; ++i) {
       width_f.push_back(static_cast<loc_t>(width[i]));
       height_f.push_back(static_cast<loc_t>(height[i]));
       size_xy.insert(size_xy.end(), {static_cast<float>(width[i]), static_cast<float>(height[i])});
       last_xy.insert(last_xy.end(), {static_cast<float>(width[i] - 1), static_cast<float>(height[i] - 1)});
       vector_index = vector_index && width[i] <= kExactInFloat && height[i] <= kExactInFloat;
+      rows_in_int32 = rows_in_int32 && start[i] + width[i] * height[i] <= INT32_MAX;
     }
-    size_xy.resize(scratch_size(), 1.f);
-    last_xy.resize(scratch_size(), 0.f);
+    size_xy.resize(std::max<int64_t>(scratch_size(), 32), 1.f);
+    last_xy.resize(std::max<int64_t>(scratch_size(), 32), 0.f);
+#if defined(CPU_CAPABILITY_AVX512)
+    item_vector = vector_index && rows_in_int32 && layout.p.L <= kItemPoints;
+    for (int64_t i = 0; item_vector && i < layout.p.L; ++i) {
+      row_factor[2 * i] = 1;
+      row_factor[2 * i + 1] = static_cast<int32_t>(width[i]);
+      row_start[2 * i] = static_cast<int32_t>(start[i]);
+    }
+#else
+    (void)rows_in_int32;
+#endif
   }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // One item's row pointers and weights in a few vector instructions (when
+  // item_vector): the pixel as rows() finds it, row = start + y * W + x in
+  // int32 lanes, address = head + row * stride_bytes; a NaN point gets `zeros`
+  // and weight 0. The per-point scalar work of rows() (its int32 lanes read
+  // back one by one, a 64-bit multiply-add per point) cost a quarter of the
+  // forward. clamp(v) then a truncating conversion equals clamping trunc(v):
+  // the bounds are whole numbers. max/min keep a NaN when it is the second
+  // operand, and the conversion turns it into INT32_MIN.
+  template <typename scalar_t>
+  void item_pointers(const float* loc, const float* attn, const char* head, int64_t stride_bytes,
+                     const scalar_t* zeros, const scalar_t** rows_out, float* weight_out) const {
+    const int64_t points = static_cast<int64_t>(width.size());
+    uint32_t valid_points = 0;
+    for (int64_t h = 0; 16 * h < 2 * points; ++h) {
+      const int64_t lanes = std::min<int64_t>(16, 2 * points - 16 * h);
+      const __m512 l = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1), loc + 16 * h);
+      __m512 product = _mm512_mul_ps(l, _mm512_loadu_ps(&size_xy[16 * h]));
+      __asm__("" : "+v"(product));  // rounded before the + 0.5 (see separately_rounded)
+      const __m512 v = _mm512_add_ps(product, _mm512_set1_ps(0.5f));
+      const __m512 clamped = _mm512_min_ps(_mm512_loadu_ps(&last_xy[16 * h]), _mm512_max_ps(_mm512_setzero_ps(), v));
+      const __m512i xy = _mm512_cvttps_epi32(clamped);
+      // Each 64-bit lane holds one point's (x, y); y * W is brought down onto x's half.
+      const __m512i scaled = _mm512_mullo_epi32(xy, _mm512_load_si512(row_factor + 16 * h));
+      const __m512i row = _mm512_add_epi32(_mm512_add_epi32(scaled, _mm512_srli_epi64(scaled, 32)),
+                                           _mm512_load_si512(row_start + 16 * h));
+      const __m512i row64 = _mm512_srli_epi64(_mm512_slli_epi64(row, 32), 32);
+      const __mmask8 nan = _mm512_test_epi64_mask(_mm512_or_si512(xy, _mm512_srli_epi64(xy, 32)),
+                                                  _mm512_set1_epi64(int64_t(0x80000000)));
+      const __m512i address = _mm512_add_epi64(_mm512_set1_epi64(reinterpret_cast<int64_t>(head)),
+                                               _mm512_mullo_epi64(row64, _mm512_set1_epi64(stride_bytes)));
+      const __m512i pointers =
+          _mm512_mask_blend_epi64(nan, address, _mm512_set1_epi64(reinterpret_cast<int64_t>(zeros)));
+      const __mmask8 in_item = static_cast<__mmask8>((1u << (lanes / 2)) - 1);
+      _mm512_mask_storeu_epi64(rows_out + 8 * h, in_item, pointers);
+      valid_points |= static_cast<uint32_t>(static_cast<uint8_t>(~nan) & in_item) << (8 * h);
+    }
+    const __mmask16 in_item = static_cast<__mmask16>((1u << points) - 1);
+    _mm512_mask_storeu_ps(weight_out, in_item,
+                          _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid_points) & in_item, attn));
+  }
+#endif
 
   // Entries of scratch that rows() needs: the item's coordinates, rounded up to whole vectors.
   int64_t scratch_size() const {
@@ -149,9 +215,15 @@ inline void gather_channels(const acc_t* weight, const scalar_t* const* rows, in
     const scalar_t* v = rows[i] + c;
     for (int j = 0; j < kVecs; ++j) acc[0][j] = at::vec::fmadd(w, Load::load(v + j * Vec::size()), acc[0][j]);
   }
-  alignas(64) acc_t buffer[kVecs * Vec::size()];
-  for (int j = 0; j < kVecs; ++j) (acc[0][j] + acc[1][j]).store(buffer + j * Vec::size());
-  for (int64_t j = 0; j < kVecs * Vec::size(); ++j) out[c + j] = static_cast<scalar_t>(buffer[j]);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // Straight into the output: a detour through a buffer and a scalar copy
+    // costs as much as a few points' loads.
+    for (int j = 0; j < kVecs; ++j) (acc[0][j] + acc[1][j]).store(out + c + j * Vec::size());
+  } else {
+    alignas(64) acc_t buffer[kVecs * Vec::size()];
+    for (int j = 0; j < kVecs; ++j) (acc[0][j] + acc[1][j]).store(buffer + j * Vec::size());
+    for (int64_t j = 0; j < kVecs * Vec::size(); ++j) out[c + j] = static_cast<scalar_t>(buffer[j]);
+  }
 }
 
 // One item's D output channels: blocks of 4, 2 and 1 vectors, then scalars.
@@ -194,19 +266,7 @@ void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* 
     // advanced by counting: 64-bit divisions per item cost as much as its gather.
     int64_t next = begin, next_m = begin % p.M, next_q = begin / p.M % p.Lq, next_n = begin / p.M / p.Lq;
     int64_t next_slot = 0;
-    auto compute_next = [&]() {
-      const int64_t slot = next_slot * points;
-      const scalar_t* head = value + next_n * p.S * row_stride + next_m * p.D;
-      table.rows(loc + 2 * next * points, item_rows.data(), scratch.data());
-      const acc_t* item_attn = attn + next * points;
-      for (int64_t i = 0; i < points; ++i) {
-        const int64_t r = item_rows[i];
-        // A NaN point gets weight 0 and the zero row, so even a NaN or inf
-        // attention weight contributes exactly zero.
-        rows[slot + i] = r < 0 ? zeros.data() : head + r * row_stride;
-        weight[slot + i] = r < 0 ? acc_t(0) : item_attn[i];
-        prefetch_range(rows[slot + i], prefetch_bytes);
-      }
+    auto advance = [&]() {
       ++next;
       next_slot = next_slot == kDiscreteAhead ? 0 : next_slot + 1;
       if (++next_m == p.M) {
@@ -216,6 +276,33 @@ void discrete_forward(const Layout& layout, const scalar_t* value, const loc_t* 
           ++next_n;
         }
       }
+    };
+    auto compute_next = [&]() {
+      const int64_t slot = next_slot * points;
+      const scalar_t* head = value + next_n * p.S * row_stride + next_m * p.D;
+      const acc_t* item_attn = attn + next * points;
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<loc_t, float> && std::is_same_v<acc_t, float>) {
+        if (table.item_vector) {
+          table.item_pointers(loc + 2 * next * points, item_attn, reinterpret_cast<const char*>(head),
+                              row_stride * static_cast<int64_t>(sizeof(scalar_t)), zeros.data(), rows.data() + slot,
+                              weight.data() + slot);
+          for (int64_t i = 0; i < points; ++i) prefetch_range(rows[slot + i], prefetch_bytes);
+          advance();
+          return;
+        }
+      }
+#endif
+      table.rows(loc + 2 * next * points, item_rows.data(), scratch.data());
+      for (int64_t i = 0; i < points; ++i) {
+        const int64_t r = item_rows[i];
+        // A NaN point gets weight 0 and the zero row, so even a NaN or inf
+        // attention weight contributes exactly zero.
+        rows[slot + i] = r < 0 ? zeros.data() : head + r * row_stride;
+        weight[slot + i] = r < 0 ? acc_t(0) : item_attn[i];
+        prefetch_range(rows[slot + i], prefetch_bytes);
+      }
+      advance();
     };
     while (next < std::min(end, begin + kDiscreteAhead)) compute_next();
     int64_t slot = 0;

@@ -11,12 +11,19 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import ms_deform_attn
 from ..ops_v2 import ms_deform_attn_v2
-from ._shared import any_true, attention_from_shapes, match_dtype, sampling_locations, shapes_and_starts
+from ._shared import (
+    any_true,
+    attention_from_shapes,
+    match_dtype,
+    reusable_output,
+    sampling_locations,
+    shapes_and_starts,
+    softmax_last,
+)
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -147,10 +154,14 @@ def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple
             if any_true(padding):  # no padded pixel: the fill would copy value unchanged
                 value = value.masked_fill(padding[..., None], float(0))
         value = value.view(batch_size, sequence_length, M, self.d_model // M)
-        offsets = self.sampling_offsets(hidden_states).view(batch_size, num_queries, M, L, P, 2)
-        weights = self.attention_weights(hidden_states).view(batch_size, num_queries, M, L * P)
-        weights = F.softmax(weights, -1).view(batch_size, num_queries, M, L, P)
-        locations = sampling_locations(reference_points, offsets, spatial_shapes, P)
+        offsets = self.sampling_offsets(hidden_states)
+        reuse_offsets = reusable_output(self.sampling_offsets, offsets)
+        offsets = offsets.view(batch_size, num_queries, M, L, P, 2)
+        logits = self.attention_weights(hidden_states)
+        reuse_logits = reusable_output(self.attention_weights, logits)
+        weights = softmax_last(logits.view(batch_size, num_queries, M, L * P), reuse_logits)
+        weights = weights.view(batch_size, num_queries, M, L, P)
+        locations = sampling_locations(reference_points, offsets, spatial_shapes, P, overwrite_offsets=reuse_offsets)
         output = self.attn(
             value, spatial_shapes, spatial_shapes_list, level_start_index, locations, weights, self.im2col_step
         )

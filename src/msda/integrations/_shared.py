@@ -10,7 +10,15 @@ import torch
 
 from ..ops import ms_deform_attn
 
-__all__ = ["match_dtype", "shapes_and_starts", "attention_from_shapes", "sampling_locations", "any_true"]
+__all__ = [
+    "match_dtype",
+    "shapes_and_starts",
+    "attention_from_shapes",
+    "sampling_locations",
+    "any_true",
+    "reusable_output",
+    "softmax_last",
+]
 
 
 def match_dtype(value: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -70,8 +78,46 @@ def any_true(mask: torch.Tensor) -> bool:
     return bool(mask.any())
 
 
+def _eager_plain(t: torch.Tensor) -> bool:
+    """A plain tensor in eager mode (not a subclass, a tracer's proxy, or a graph being compiled or exported)."""
+    return not (
+        type(t) is not torch.Tensor
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def reusable_output(module: torch.nn.Module, output: torch.Tensor) -> bool:
+    """Whether ``output``, just returned by ``module`` (a projection), may be
+    overwritten: nobody else can hold it (no forward hook on the module or
+    global one saw it), autograd needs it for nothing, and it is a plain tensor
+    in eager mode. The attention modules' next steps (softmax, sampling
+    locations) then write into it instead of allocating a tensor of the same
+    size: fewer passes over memory and, for the encoder's tensors of tens of
+    MB, no fresh pages to fault in on every call."""
+    return (
+        _eager_plain(output)
+        and not (torch.is_grad_enabled() and output.requires_grad)
+        and not module._forward_hooks
+        and not torch.nn.modules.module._global_forward_hooks
+    )
+
+
+def softmax_last(logits: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``F.softmax(logits, -1)``, written into ``logits`` when ``in_place``
+    (the same kernel and bits: each row is read whole before it is written)."""
+    if in_place:
+        return torch.softmax(logits, -1, out=logits)
+    return torch.nn.functional.softmax(logits, -1)
+
+
 def sampling_locations(
-    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor, n_points: int
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    n_points: int,
+    overwrite_offsets: bool = False,
 ) -> torch.Tensor:
     """The sampling locations of transformers' and mmcv's modules, bitwise
     equal, but cheap.
@@ -85,7 +131,10 @@ def sampling_locations(
     bits, several times faster at the encoder's shapes. Where the steps'
     result already has the final dtype, the last steps run in place on it
     (fewer passes over, and allocations of, a tensor as large as the offsets);
-    autograd saves none of the tensors they overwrite.
+    autograd saves none of the tensors they overwrite. ``overwrite_offsets``
+    (the caller's promise that nothing else holds ``offsets`` and that no
+    gradient flows, see :func:`reusable_output`): the result is written into
+    ``offsets`` itself where its dtype allows.
     """
     N, Lq, M, L, P, _ = offsets.shape
     flat = offsets.reshape(N, Lq, M, L * P * 2)
@@ -102,7 +151,7 @@ def sampling_locations(
             # One pass: addcdiv computes base + 1 * (flat / normalizer), the
             # same bits (the sizes are exact in the offsets' dtype). Not with
             # a gradient: addcdiv's multiplies by 1 / normalizer instead.
-            locations = torch.addcdiv(base, flat, normalizer.to(flat.dtype))
+            locations = torch.addcdiv(base, flat, normalizer.to(flat.dtype), out=flat if overwrite_offsets else None)
         else:
             step = flat / normalizer
             # base + step, in place where step already has the result's dtype
@@ -111,7 +160,7 @@ def sampling_locations(
     elif reference_points.shape[-1] == 4:
         base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
         size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        step = flat / n_points
+        step = flat.div_(n_points) if overwrite_offsets and flat.is_floating_point() else flat / n_points
         in_place = _same_result_dtype(step, size) and _same_result_dtype(step, base)
         # mul_ would have to save step for size's gradient: in place only without one.
         if in_place and not (torch.is_grad_enabled() and size.requires_grad):

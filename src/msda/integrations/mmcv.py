@@ -24,7 +24,7 @@ from torch import nn
 
 from ..function import MSDeformAttnFunction
 from ..ops import ms_deform_attn
-from ._shared import any_true, attention_from_shapes, sampling_locations
+from ._shared import any_true, attention_from_shapes, reusable_output, sampling_locations, softmax_last
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -160,13 +160,16 @@ class MultiScaleDeformableAttention(nn.Module):
         if key_padding_mask is not None and any_true(key_padding_mask):  # none padded: the fill copies value
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(bs, num_value, M, -1)
-        offsets = self.sampling_offsets(query).view(bs, num_query, M, L, P, 2)
-        weights = self.attention_weights(query).view(bs, num_query, M, L * P).softmax(-1)
+        offsets = self.sampling_offsets(query)
+        reuse_offsets = reusable_output(self.sampling_offsets, offsets)
+        offsets = offsets.view(bs, num_query, M, L, P, 2)
+        logits = self.attention_weights(query)
+        weights = softmax_last(logits.view(bs, num_query, M, L * P), reusable_output(self.attention_weights, logits))
         weights = weights.view(bs, num_query, M, L, P)
         if reference_points is None or reference_points.shape[-1] not in (2, 4):
             got = None if reference_points is None else reference_points.shape[-1]
             raise ValueError(f"Last dim of reference_points must be 2 or 4, but get {got} instead.")
-        locations = sampling_locations(reference_points, offsets, spatial_shapes, P)
+        locations = sampling_locations(reference_points, offsets, spatial_shapes, P, overwrite_offsets=reuse_offsets)
         if level_start_index is None:  # mmcv's CPU path never needed it
             output = attention_from_shapes(value, spatial_shapes, locations, weights)
         else:
