@@ -63,7 +63,7 @@ def _machine(data: dict[str, Any]) -> str:
 
 
 def source_line(name: str, data: dict[str, Any]) -> str:
-    command = (data.get("settings") or {}).get("command") or data.get("command") or COMMANDS[name]
+    command = ((data.get("settings") or {}).get("command") or data.get("command") or COMMANDS[name]).strip()
     return (f"Command: `{command}` · machine: {_machine(data)} · date: {_date(data)} · "
             f"data: `benchmarks/results/{name}`")
 
@@ -195,7 +195,7 @@ def readme_block() -> str:
 
 
 def source_cmd(name: str, data: dict[str, Any]) -> str:
-    return (data.get("settings") or {}).get("command") or data.get("command") or COMMANDS[name]
+    return ((data.get("settings") or {}).get("command") or data.get("command") or COMMANDS[name]).strip()
 
 
 def _machine_date(data: dict[str, Any]) -> str:
