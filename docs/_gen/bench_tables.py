@@ -15,6 +15,7 @@ file records and the date it records.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -41,11 +42,24 @@ def load(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / name).read_text())
 
 
-def _date(data: dict[str, Any]) -> str:
+def _commit_date(name: str) -> str | None:
+    """The day the file was last committed: older result files record no date of their own."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", f"benchmarks/results/{name}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _date(data: dict[str, Any], name: str | None = None) -> str:
     for key in ("date_utc", "started_utc"):
         for scope in (data, data.get("machine") or {}, data.get("settings") or {}):
             if scope.get(key):
                 return str(scope[key])[:10]
+    committed = _commit_date(name) if name else None
+    if committed:
+        return f"{committed} (committed; the file records no date)"
     return "not recorded in the file"
 
 
@@ -64,7 +78,7 @@ def _machine(data: dict[str, Any]) -> str:
 
 def source_line(name: str, data: dict[str, Any]) -> str:
     command = ((data.get("settings") or {}).get("command") or data.get("command") or COMMANDS[name]).strip()
-    return (f"Command: `{command}` · machine: {_machine(data)} · date: {_date(data)} · "
+    return (f"Command: `{command}` · machine: {_machine(data)} · date: {_date(data, name)} · "
             f"data: `benchmarks/results/{name}`")
 
 
