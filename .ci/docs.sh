@@ -12,7 +12,10 @@ VENV="${MSDA_VENV:-$ROOT/.venv}"
 . "$VENV/bin/activate"
 # The docs extra's pins, read from pyproject.toml so they are written once.
 mapfile -t DOCS_DEPS < <(python - <<'PY'
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))
 PY
 )

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:  # Python 3.11+; on 3.10 the set-up script installs tomli
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
 
 import msda.onnx
 
