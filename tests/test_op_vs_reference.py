@@ -57,11 +57,15 @@ def test_matches_float64_truth(dtypes, problem):
 # register-held grad_output for widths of exactly 1, 2 or 4 vectors, and
 # channel blocks from 64 channels on. These widths hit each of those paths
 # whatever the vector width the build chose.
-# Each width runs twice: with few samples per row of value (the kernels work on
-# value in place) and with many (per-head dense copies, csrc/cpu/head_copies.h).
+# Each width runs three times: with few samples per row of value (the kernels
+# work on value in place, queries in memory order) and with many (the backward
+# on per-head dense copies, csrc/cpu/head_copies.h; the forward visits the
+# queries in strips, csrc/cpu/query_order.h: one strip on maps this narrow,
+# four on the 130-wide map).
 LAYOUTS = {
     "in place": dict(Lq=6, shapes=[(5, 6), (2, 3)]),  # 0.5 samples per row
     "per-head copies": dict(Lq=40, shapes=[(3, 4), (1, 2)]),  # 17 samples per row
+    "query strips": dict(Lq=300, shapes=[(1, 130), (1, 65)]),  # 9 samples per row, 4 strips
 }
 
 
@@ -92,6 +96,33 @@ def test_one_head_split_over_threads(threads):
     assert torch.equal(out, single[0])
     for got, want in zip(grads, single[1]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_strips_with_odd_first_points(threads, dtype):
+    # The forward orders the queries by the x of their first point (head 0,
+    # level 0, point 0). First points that are NaN, infinite, far outside or
+    # on the strip edges must still give every query its own output, at any
+    # thread count bitwise the same.
+    case = make_case(N=2, Lq=300, M=2, D=16, shapes=[(2, 130), (1, 65)], P=2, seed=7, value_dtype=dtype,
+                     loc_dtype=torch.float32)
+    first_x = case.sampling_locations[:, :, 0, 0, 0, 0]
+    first_x[:, 0::7] = float("nan")
+    first_x[:, 1::7] = float("inf")
+    first_x[:, 2::7] = -1e30
+    first_x[:, 3::7] = 1.0
+    first_x[:, 4::7] = 0.25  # exactly on a strip edge (4 strips)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = msda.ms_deform_attn(*case.inputs)
+        torch.set_num_threads(threads)
+        out, grads = run_op(msda.ms_deform_attn, case)
+    finally:
+        torch.set_num_threads(previous)
+    check_against_truth(case, out, grads)
+    assert torch.equal(out, single)
 
 
 @pytest.mark.parametrize("D", [1025, 4096])

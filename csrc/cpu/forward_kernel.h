@@ -1,13 +1,17 @@
 // CPU forward of msda::ms_deform_attn_forward.
 //
-// Items are (n, q, m). When value's rows are sampled many times (encoders),
-// one task per head works on a dense copy of the head's rows
-// (forward_per_head, see head_copies.h); otherwise items run in memory order
-// on value itself (forward_items). Either way the geometry of an item's L*P
-// points is computed once (vectorised over points), then each block of
-// channels accumulates all points and corners in registers, and a software
-// pipeline computes the geometry of the item two ahead (forward_items also
-// prefetches its corner rows) before sampling the current one.
+// The unit of work is a query (n, q) with all its heads, reading value in
+// place: a pixel's heads are adjacent in value, so the rows a query's heads
+// read share pages and cache sets. The geometry of the query's M*L*P points
+// is computed in one pass (vectorised over points), then per head each block
+// of channels accumulates all points and corners in registers; a software
+// pipeline computes the geometry of the query two ahead before sampling the
+// current one. When value's rows are sampled many times (encoders), the
+// queries run in vertical strips (query_order.h), otherwise in memory order.
+//
+// (An earlier design worked per head on dense copies of its rows, as the
+// backward still does, head_copies.h: on the encoder shape this one is about
+// 1.6x faster, Intel Xeon, 2 threads, float32.)
 #pragma once
 
 #include "cpu/per_capability.h"
@@ -21,6 +25,7 @@
 #include "cpu/head_copies.h"
 #include "cpu/item_inputs.h"
 #include "cpu/layout.h"
+#include "cpu/query_order.h"
 #include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
 
@@ -44,7 +49,7 @@ inline void prefetch_corners(const ForwardGeometry<acc_t>& g, int64_t bytes) {
 // corners sharing them round-robin) so that the chains of dependent
 // multiply-adds stay short; they are summed at the end in a fixed order.
 template <int kVecs, typename scalar_t, typename acc_t>
-inline void sample_channels(const ForwardGeometry<acc_t>& g, int64_t c, acc_t* out) {
+inline void sample_channels(const ForwardGeometry<acc_t>& g, int64_t first, int64_t last, int64_t c, acc_t* out) {
   using Load = VecLoad<scalar_t>;
   using Vec = typename Load::Vec;
   // Four accumulator sets when the registers allow it (32 vector registers
@@ -53,24 +58,46 @@ inline void sample_channels(const ForwardGeometry<acc_t>& g, int64_t c, acc_t* o
   Vec acc[kSets][kVecs];
   for (int s = 0; s < kSets; ++s)
     for (int j = 0; j < kVecs; ++j) acc[s][j] = Vec(acc_t(0));
-  for (int64_t i = 0; i < g.count; ++i) {
+  // With PairLoad, acc[s][2h] and acc[s][2h + 1] hold the even and the odd
+  // channels of channels [2h, 2h + 2) * Vec::size().
+  constexpr bool kPairs = PairLoad<scalar_t>::kEnabled && kVecs % 2 == 0;
+  for (int64_t i = first; i < last; ++i) {
     for (int k = 0; k < 4; ++k) {
       const scalar_t* v = reinterpret_cast<const scalar_t*>(g.address[0][k][i]) + c;
       const Vec w(g.scaled[k][i]);
-      for (int j = 0; j < kVecs; ++j) acc[k % kSets][j] = at::vec::fmadd(w, Load::load(v + j * Vec::size()), acc[k % kSets][j]);
+      for (int j = 0; j < kVecs; ++j) {
+        Vec x;
+        if constexpr (kPairs) {
+          if (j % 2 == 1) continue;
+          Vec odd;
+          PairLoad<scalar_t>::load(v + j * Vec::size(), x, odd);
+          acc[k % kSets][j + 1] = at::vec::fmadd(w, odd, acc[k % kSets][j + 1]);
+        } else {
+          x = Load::load(v + j * Vec::size());
+        }
+        acc[k % kSets][j] = at::vec::fmadd(w, x, acc[k % kSets][j]);
+      }
     }
   }
+  Vec total[kVecs];
   for (int j = 0; j < kVecs; ++j) {
-    Vec total = acc[0][j];
-    for (int s = 1; s < kSets; ++s) total = total + acc[s][j];
-    total.store(out + j * Vec::size());
+    total[j] = acc[0][j];
+    for (int s = 1; s < kSets; ++s) total[j] = total[j] + acc[s][j];
+  }
+  for (int j = 0; j < kVecs; ++j) {
+    if constexpr (kPairs) {
+      if (j % 2 == 0) PairLoad<scalar_t>::interleave(total[j], total[j + 1], out + j * Vec::size());
+    } else {
+      total[j].store(out + j * Vec::size());
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-inline void sample_tail(const ForwardGeometry<acc_t>& g, int64_t c0, int64_t c1, acc_t* out) {
+inline void sample_tail(const ForwardGeometry<acc_t>& g, int64_t first, int64_t last, int64_t c0, int64_t c1,
+                        acc_t* out) {
   for (int64_t c = c0; c < c1; ++c) out[c - c0] = acc_t(0);
-  for (int64_t i = 0; i < g.count; ++i) {
+  for (int64_t i = first; i < last; ++i) {
     for (int k = 0; k < 4; ++k) {
       const scalar_t* v = reinterpret_cast<const scalar_t*>(g.address[0][k][i]);
       const acc_t w = g.scaled[k][i];
@@ -79,143 +106,107 @@ inline void sample_tail(const ForwardGeometry<acc_t>& g, int64_t c0, int64_t c1,
   }
 }
 
-// One item's output channels [0, width): blocks of 4, 2 and 1 vectors, then
-// the scalar remainder.
+// One item's output channels [0, width) from points [first, last) of the
+// geometry: blocks of 4, 2 and 1 vectors, then the scalar remainder.
 template <typename scalar_t, typename acc_t>
-inline void sample_item(const ForwardGeometry<acc_t>& g, int64_t width, scalar_t* o) {
+inline void sample_item(const ForwardGeometry<acc_t>& g, int64_t first, int64_t last, int64_t width, scalar_t* o) {
   using Vec = typename VecLoad<scalar_t>::Vec;
   constexpr int64_t kBlock = 4 * Vec::size();  // 32 floats with AVX2, 64 with AVX-512
   alignas(64) acc_t buffer[kBlock];
   int64_t c = 0;
   for (; c + kBlock <= width; c += kBlock) {
-    sample_channels<4, scalar_t>(g, c, buffer);
+    sample_channels<4, scalar_t>(g, first, last, c, buffer);
     narrow(buffer, kBlock, o + c);
   }
   if (c + 2 * Vec::size() <= width) {
-    sample_channels<2, scalar_t>(g, c, buffer);
+    sample_channels<2, scalar_t>(g, first, last, c, buffer);
     narrow(buffer, 2 * Vec::size(), o + c);
     c += 2 * Vec::size();
   }
   if (c + Vec::size() <= width) {
-    sample_channels<1, scalar_t>(g, c, buffer);
+    sample_channels<1, scalar_t>(g, first, last, c, buffer);
     narrow(buffer, Vec::size(), o + c);
     c += Vec::size();
   }
   if (c < width) {
-    sample_tail<scalar_t>(g, c, width, buffer);
+    sample_tail<scalar_t>(g, first, last, c, width, buffer);
     narrow(buffer, width - c, o + c);
   }
 }
 
-// Items computed kAhead ahead of the one being sampled: the geometry, and the
-// prefetch of its corner rows, then have time to arrive. Measured: 2 beats
-// 1 and 3 on the encoder shape.
+// Queries computed kAhead ahead of the one being sampled: the geometry, and
+// the prefetch of its corner rows, then have time to arrive.
 constexpr int64_t kAhead = 2;
 
-// A ring of kAhead + 1 geometries for the software pipeline.
+// A ring of kAhead + 1 geometries (of a query's M * L * P points each) for
+// the software pipeline.
 template <typename acc_t>
 struct GeometryRing {
   std::vector<ForwardGeometry<acc_t>> slots;
-  std::vector<acc_t> loc_buffer, attn_buffer;  // one item's 16-bit inputs widened (item_inputs.h)
+  std::vector<acc_t> loc_buffer, attn_buffer;  // one query's 16-bit inputs widened (item_inputs.h)
   int64_t points;
   explicit GeometryRing(int64_t points)
       : slots(kAhead + 1, ForwardGeometry<acc_t>(points)), loc_buffer(2 * points), attn_buffer(points),
         points(points) {}
   ForwardGeometry<acc_t>& operator[](int64_t step) { return slots[step % (kAhead + 1)]; }
-  // The geometry of `item` into the slot of `step`.
-  void compute(int64_t step, int64_t item, const PointLevels<acc_t>& levels, const ItemInput<acc_t>& loc,
+  // The geometry of query n * Lq + q (all heads) into the slot of `step`.
+  void compute(int64_t step, int64_t query, const PointLevels<acc_t>& levels, const ItemInput<acc_t>& loc,
                const ItemInput<acc_t>& attn, const CornerTarget (&targets)[1]) {
-    (*this)[step].compute(levels, loc.at(2 * item * points, 2 * points, loc_buffer.data()),
-                          attn.at(item * points, points, attn_buffer.data()), targets);
+    (*this)[step].compute(levels, loc.at(2 * query * points, 2 * points, loc_buffer.data()),
+                          attn.at(query * points, points, attn_buffer.data()), targets);
   }
 };
 
-// Every item (n, q, m) in memory order, reading value in place: locations,
-// weights and outputs stream contiguously.
-template <typename scalar_t>
-void forward_items(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
-                   const ItemInput<acc_type<scalar_t>>& attn, scalar_t* out) {
-  using acc_t = acc_type<scalar_t>;
-  const Problem& p = layout.p;
-  const int64_t row_stride = p.M * p.D;
-  const int64_t points = p.L * p.P;
-  const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start);
-  // About 8k corner-channel products per grain keeps scheduling overhead small.
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, points * 4 * p.D));
-  at::parallel_for(0, p.N * p.M * p.Lq, grain, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
-    GeometryRing<acc_t> ring(points);
-    const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
-    auto compute = [&](int64_t item) {
-      const int64_t m = item % p.M;
-      const int64_t n = item / p.M / p.Lq;
-      const CornerTarget targets[1] = {corner_target(value + n * p.S * row_stride + m * p.D, row_stride, zeros.data())};
-      ring.compute(item - begin, item, levels, loc, attn, targets);
-      prefetch_corners(ring[item - begin], prefetch_bytes);
-    };
-    for (int64_t item = begin; item < std::min(end, begin + kAhead); ++item) compute(item);
-    for (int64_t item = begin; item < end; ++item) {
-      if (item + kAhead < end) compute(item + kAhead);
-      sample_item(ring[item - begin], p.D, out + item * p.D);  // output rows are in (n, q, m) order too
-    }
-  });
-}
+// Whether the forward prefetches the corner rows of the query kAhead ahead.
+// With AVX-512 it does not: on the encoder and decoder shapes (Intel Xeon, 2
+// threads) the prefetches cost more than they saved (encoder forward about
+// 1.1x faster without). The AVX2 and baseline kernels spend more
+// instructions per sample, and there the prefetches pay.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kPrefetchCorners = false;
+#else
+constexpr bool kPrefetchCorners = true;
+#endif
 
-// One task per (n, m, channel block) and range of queries, on a dense copy of
-// that slice of value (head_copies.h). The ranges exist only to give every
-// thread work when N*M*blocks is below the thread count (the forward's sums
-// do not depend on how the work is cut); a thread that gets several ranges
-// of one head copies it once. The task's locations, weights and outputs are
-// 1/M-strided, so they are prefetched a few queries ahead.
+// Samples per row of value (per head, on average) from which the queries are
+// visited in strips (query_order.h): the encoders (16 on the benchmark
+// shape), not the decoders (0.2-0.7), whose few rows per query gain nothing.
+constexpr double kStripsFrom = 8.0;
+
+// Every query (n, q), reading value in place, in memory order or in the given
+// order (n * Lq + q per entry). A query's M heads are one unit: their
+// geometry is computed in one pass over M * L * P points (vectorised), and
+// the rows they read lie side by side in value (a pixel's heads are adjacent).
 template <typename scalar_t>
-void forward_per_head(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
-                      const ItemInput<acc_type<scalar_t>>& attn, scalar_t* out) {
+void forward_queries(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
+                     const ItemInput<acc_type<scalar_t>>& attn, const std::vector<int64_t>& query_order,
+                     scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t kQueriesAhead = 8;
   const Problem& p = layout.p;
   const int64_t row_stride = p.M * p.D;
-  const int64_t points = p.L * p.P;
-  const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start);
-  const HeadSplit split = head_split(p);
-  const int64_t heads = split.tasks(p);  // (n, m, block) slices
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t ranges = std::min(std::max<int64_t>(1, p.Lq), (threads + heads - 1) / heads);
-  at::parallel_for(0, heads * ranges, 1, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
-    std::vector<scalar_t> rows(p.S * split.block_width);  // the task's dense slice of value
-    int64_t rows_hold = -1;                                // which slice `rows` holds
-    GeometryRing<acc_t> ring(points);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t slice = task / ranges, range = task % ranges;
-      const int64_t block = slice % split.block_count;
-      const int64_t m = slice / split.block_count % p.M;
-      const int64_t n = slice / split.block_count / p.M;
-      const int64_t c0 = block * split.block_width;
-      const int64_t width = std::min(split.block_width, p.D - c0);
-      const int64_t q_begin = p.Lq * range / ranges, q_end = p.Lq * (range + 1) / ranges;
-      if (rows_hold != slice) {
-        copy_rows_in(value + n * p.S * row_stride + m * p.D + c0, p.S, row_stride, width, rows.data());
-        rows_hold = slice;
-      }
-      const CornerTarget targets[1] = {corner_target(static_cast<const scalar_t*>(rows.data()), width, zeros.data())};
-      auto compute = [&](int64_t q) {
-        const int64_t item = (n * p.Lq + q) * p.M + m;
-        ring.compute(q, item, levels, loc, attn, targets);
-        // No prefetch of the corner rows here (forward_items has one): they are
-        // in the dense copy, which stays in L2, and on the encoder shape (Intel
-        // Xeon, 2 cores) the 64 prefetches per item cost more than they saved:
-        // without them the float32 forward took about 30% less CPU time.
-        if (q + kQueriesAhead < q_end) {
-          const int64_t ahead = item + kQueriesAhead * p.M;
-          prefetch_range(loc.address(2 * ahead * points), 2 * points * c10::elementSize(loc.type));
-          prefetch_range(attn.address(ahead * points), points * c10::elementSize(attn.type));
-        }
-      };
-      for (int64_t q = q_begin; q < std::min(q_end, q_begin + kAhead); ++q) compute(q);
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        if (q + kAhead < q_end) compute(q + kAhead);
-        sample_item(ring[q], width, out + ((n * p.Lq + q) * p.M + m) * p.D + c0);
-      }
+  const int64_t points = p.L * p.P;  // per head
+  const PointLevels<acc_t> levels(p, layout.H, layout.W, layout.start, p.M);
+  const bool ordered = !query_order.empty();
+  const auto query_at = [&](int64_t i) { return ordered ? query_order[i] : i; };
+  // About 8k corner-channel products per grain keeps scheduling overhead small.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, p.M * points * 4 * p.D));
+  at::parallel_for(0, p.N * p.Lq, grain, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
+    GeometryRing<acc_t> ring(p.M * points);
+    const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
+    auto compute = [&](int64_t i) {
+      const int64_t query = query_at(i);
+      const int64_t n = query / p.Lq;
+      const CornerTarget targets[1] = {
+          corner_target(value + n * p.S * row_stride, row_stride, zeros.data(), p.D)};
+      ring.compute(i - begin, query, levels, loc, attn, targets);
+      if constexpr (kPrefetchCorners) prefetch_corners(ring[i - begin], prefetch_bytes);
+    };
+    for (int64_t i = begin; i < std::min(end, begin + kAhead); ++i) compute(i);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kAhead < end) compute(i + kAhead);
+      scalar_t* o = out + query_at(i) * row_stride;  // output rows are (n, q) with M * D channels
+      for (int64_t m = 0; m < p.M; ++m) sample_item(ring[i - begin], m * points, (m + 1) * points, p.D, o + m * p.D);
     }
   });
 }
@@ -223,11 +214,8 @@ void forward_per_head(const Layout& layout, const scalar_t* value, const ItemInp
 template <typename scalar_t>
 void forward_kernel(const Layout& layout, const scalar_t* value, const ItemInput<acc_type<scalar_t>>& loc,
                     const ItemInput<acc_type<scalar_t>>& attn, scalar_t* out) {
-  if (forward_uses_head_copies(layout.p)) {
-    forward_per_head(layout, value, loc, attn, out);
-  } else {
-    forward_items(layout, value, loc, attn, out);
-  }
+  const bool strips = samples_per_row(layout.p) >= kStripsFrom;
+  forward_queries(layout, value, loc, attn, strips ? queries_in_strips(layout, loc) : std::vector<int64_t>(), out);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -19,24 +19,30 @@ namespace msda::cpu {
 inline namespace CPU_CAPABILITY {
 
 // Per point of an item (point lp lies on level lp / P): its level's size and
-// first row. The same for every item, so built once per call.
+// first row. The same for every item, so built once per call. With heads > 1
+// the points are those of a whole query, head after head (the forward's
+// unit of work), and each also records its head.
 template <typename acc_t>
 struct PointLevels {
   std::vector<acc_t> width, height;     // W and H as acc_t
   std::vector<int32_t> width_i, height_i;
   std::vector<int64_t> start;           // level_start_index
-  int64_t count = 0;                    // L * P
+  std::vector<int64_t> head;            // the point's head, 0..heads-1
+  int64_t count = 0;                    // heads * L * P
 
   PointLevels(const Problem& p, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
-              const std::vector<int64_t>& level_start)
-      : count(p.L * p.P) {
-    for (int64_t l = 0; l < p.L; ++l) {
-      for (int64_t pt = 0; pt < p.P; ++pt) {
-        width.push_back(static_cast<acc_t>(W[l]));
-        height.push_back(static_cast<acc_t>(H[l]));
-        width_i.push_back(static_cast<int32_t>(W[l]));
-        height_i.push_back(static_cast<int32_t>(H[l]));
-        start.push_back(level_start[l]);
+              const std::vector<int64_t>& level_start, int64_t heads = 1)
+      : count(heads * p.L * p.P) {
+    for (int64_t m = 0; m < heads; ++m) {
+      for (int64_t l = 0; l < p.L; ++l) {
+        for (int64_t pt = 0; pt < p.P; ++pt) {
+          width.push_back(static_cast<acc_t>(W[l]));
+          height.push_back(static_cast<acc_t>(H[l]));
+          width_i.push_back(static_cast<int32_t>(W[l]));
+          height_i.push_back(static_cast<int32_t>(H[l]));
+          start.push_back(level_start[l]);
+          head.push_back(m);
+        }
       }
     }
   }
@@ -45,15 +51,16 @@ struct PointLevels {
 // Where the corner rows live: the address of row 0 (of this item's (n, m)
 // slice of value or grad_value, or of a dense per-head copy), the bytes from
 // one row to the next, and the address that corners outside the map get
-// instead (a zero row to read, a scratch row to write).
+// instead (a zero row to read, a scratch row to write). With one target (the
+// forward), head_bytes apart for each head of PointLevels::head.
 struct CornerTarget {
-  uintptr_t base, row_bytes, outside;
+  uintptr_t base, row_bytes, outside, head_bytes;
 };
 
 template <typename T>
-inline CornerTarget corner_target(const T* base, int64_t row_stride, const T* outside) {
+inline CornerTarget corner_target(const T* base, int64_t row_stride, const T* outside, int64_t head_stride = 0) {
   return {reinterpret_cast<uintptr_t>(base), static_cast<uintptr_t>(row_stride) * sizeof(T),
-          reinterpret_cast<uintptr_t>(outside)};
+          reinterpret_cast<uintptr_t>(outside), static_cast<uintptr_t>(head_stride) * sizeof(T)};
 }
 
 // The geometry of one item's points, for kTargets tensors (value, and in the
@@ -89,6 +96,7 @@ struct ItemGeometry {
     const int32_t* __restrict Wi = levels.width_i.data();
     const int32_t* __restrict Hi = levels.height_i.data();
     const int64_t* __restrict start = levels.start.data();
+    const int64_t* __restrict head = levels.head.data();
     acc_t* __restrict w0 = weight[0].data();
     acc_t* __restrict w1 = weight[1].data();
     acc_t* __restrict w2 = weight[2].data();
@@ -103,6 +111,7 @@ struct ItemGeometry {
     int32_t* __restrict taken = sampled.data();
     uintptr_t* out[kTargets][4];
     uintptr_t base[kTargets], row_bytes[kTargets], outside[kTargets];
+    const uintptr_t head_bytes = targets[0].head_bytes;
     for (int t = 0; t < kTargets; ++t) {
       for (int k = 0; k < 4; ++k) out[t][k] = address[t][k].data();
       base[t] = targets[t].base;
@@ -157,8 +166,12 @@ struct ItemGeometry {
       const bool in[4] = {y0_in && x0_in, y0_in && x1_in, y1_in && x0_in, y1_in && x1_in};
       const uintptr_t rows[4] = {static_cast<uintptr_t>(r), static_cast<uintptr_t>(r + 1),
                                  static_cast<uintptr_t>(r + Wi[i]), static_cast<uintptr_t>(r + Wi[i] + 1)};
+      // Per head only in the forward (one target); the backward's targets
+      // are one head's slices.
+      const uintptr_t head_base = kTargets == 1 ? base[0] + static_cast<uintptr_t>(head[i]) * head_bytes : 0;
       for (int t = 0; t < kTargets; ++t) {
-        for (int k = 0; k < 4; ++k) out[t][k][i] = in[k] ? base[t] + rows[k] * row_bytes[t] : outside[t];
+        const uintptr_t b = kTargets == 1 ? head_base : base[t];
+        for (int k = 0; k < 4; ++k) out[t][k][i] = in[k] ? b + rows[k] * row_bytes[t] : outside[t];
       }
     }
   }
