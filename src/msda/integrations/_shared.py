@@ -182,7 +182,7 @@ def _per_point(pairs: torch.Tensor, points: tuple[int, int, int, int]) -> torch.
     (N, Lq, L, P): a contiguous (N, Lq, L, P, 2) tensor, the same bits.
 
     torch copies a broadcast of 2-element rows an element at a time (about
-    1 ms at the encoder's shape, a tenth of the whole location arithmetic);
+    1 ms at the encoder's shape, a quarter of the whole location step);
     read as one integer per pair, the same copy moves whole pairs, several
     times faster. Only for a plain eager tensor that needs no gradient (the
     integer view has none, and graphs are traced in the float form)."""
