@@ -52,6 +52,9 @@ __attribute__((visibility("default"))) const char* msda_cpu_capability_refusal()
   return msda::cpu::refusal_message().c_str();
 }
 __attribute__((visibility("default"))) double msda_measure_clock_hz() { return msda::cpu::measure_clock_hz(); }
+__attribute__((visibility("default"))) double msda_measure_clock_hz_multiply() {
+  return msda::cpu::measure_clock_hz_multiply();
+}
 }
 
 TORCH_LIBRARY(msda, m) {

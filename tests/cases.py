@@ -7,8 +7,9 @@ some outside [0, 1], some exactly on pixel centres (where floor() changes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -181,3 +182,14 @@ def run_op(op, case, *extra_args) -> tuple[torch.Tensor, tuple[torch.Tensor, ...
         out.backward(case.grad_output)
     grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in (value, loc, attn))
     return out.detach(), grads
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only: bool = False) -> Iterator[None]:
+    """torch.use_deterministic_algorithms(True) for the block, off again after it
+    (also when it raises: the next test must not run deterministic)."""
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cases import check_against_truth, level_tables, make_case
+from cases import check_against_truth, deterministic_algorithms, level_tables, make_case
+from emulation import run_deterministic
 from test_op_vs_reference import DTYPE_COMBINATIONS, problems
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
@@ -326,9 +327,8 @@ def test_wrong_level_tables_skip_the_level_instead_of_reading_out_of_bounds(emu,
 
 @pytest.fixture
 def deterministic():
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms():
+        yield
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_COMBINATIONS, ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
@@ -338,14 +338,9 @@ def test_deterministic_backward_matches_float64_truth(emu, dtypes, problem):
     value_dtype, loc_dtype, attn_dtype = dtypes
     case = make_case(**problem, value_dtype=value_dtype, loc_dtype=loc_dtype, attn_dtype=attn_dtype)
     case = off_the_sampling_boundary(case)
-    before = emu.stats()["atomics"]
-    torch.use_deterministic_algorithms(True)
-    try:
-        out, grads = run_emulated(emu, case)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    out, grads, atomics = run_deterministic(emu, case.inputs, case.grad_output)
     check_against_truth(case, out, grads)
-    assert emu.stats()["atomics"] == before  # grad_value without atomics
+    assert atomics == 0  # grad_value without atomics
 
 
 # Many queries on few pixels: every row of grad_value sums many terms, whose

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 
 import msda
-from cases import Case, check_against_truth, level_tables, make_case, run_op
+from cases import Case, check_against_truth, deterministic_algorithms, level_tables, make_case, run_op
 from msda import _extension
 from test_op_vs_reference import DTYPE_COMBINATIONS, problems
 
@@ -165,11 +165,8 @@ def test_autocast_mixed_precision(dtype):
 def test_deterministic_backward_is_bitwise_reproducible(dtype, D):
     # Many queries on few pixels: the atomic algorithm's sums depend on the order.
     case = make_case(N=2, Lq=300, M=4, D=D, shapes=[(6, 5), (3, 2)], P=4, seed=D, value_dtype=dtype)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         runs = [run_on_gpu(case) for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(False)
     for out, grads in runs[1:]:
         assert torch.equal(out, runs[0][0])
         for a, b in zip(grads, runs[0][1]):

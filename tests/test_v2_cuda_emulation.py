@@ -18,7 +18,9 @@ import torch
 from hypothesis import given, settings
 
 import msda
+from cases import deterministic_algorithms
 from cases_v2 import check_against_truth_v2, make_case_v2
+from emulation import run_deterministic
 from test_cuda_emulation import misaligned_copy, off_the_sampling_boundary
 from test_op_vs_reference import DTYPE_COMBINATIONS
 from test_v2_op import problems_v2
@@ -235,25 +237,17 @@ def test_discrete_atomics_one_per_read_point_and_channel(emu, D, dtype):
 def test_deterministic_default_method_matches_float64_truth(emu, D, dtype, points):
     case = make_case_v2(2, 9, 2, D, [(4, 5), (2, 3), (1, 2)], points, "default", seed=D, value_dtype=dtype)
     case = without_window_edges(case)
-    before = emu.stats()["atomics"]
-    torch.use_deterministic_algorithms(True)
-    try:
-        out, grads = run_emulated(emu, case)
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert emu.stats()["atomics"] == before
+    out, grads, atomics = run_deterministic(emu, case.args, case.grad_output)
+    assert atomics == 0
     check_against_truth_v2(case, out, grads)
 
 
 def test_discrete_backward_refuses_deterministic_mode(emu):
     case = make_case_v2(1, 3, 2, 4, [(3, 4), (2, 2)], [2, 1], "discrete", seed=1, value_dtype=torch.float32)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         emu.forward(*case.args)  # the forward is deterministic
         with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
             emu.backward(*case.args, case.grad_output)
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 # ---------------------------------------------------------------- discrete index boundaries

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 
 import msda
+from cases import deterministic_algorithms
 from cases_v2 import CaseV2, check_against_truth_v2, make_case_v2, run_op_v2
 from msda import _extension
 from test_op_vs_reference import DTYPE_COMBINATIONS
@@ -54,11 +55,8 @@ def test_v2_cuda_matches_float64_truth(method, dtypes, problem):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_v2_default_deterministic_backward(dtype):
     case = make_case_v2(2, 40, 2, 8, [(3, 4), (2, 2)], [4, 2], "default", seed=1, value_dtype=dtype)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         runs = [run_on_gpu(case) for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(False)
     for out, grads in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
     check_against_truth_v2(case, *runs[0])
@@ -66,12 +64,8 @@ def test_v2_default_deterministic_backward(dtype):
 
 def test_v2_discrete_backward_refuses_deterministic_mode():
     case = on_gpu(make_case_v2(1, 3, 2, 4, [(3, 4)], [2], "discrete", seed=1, value_dtype=torch.float32))
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
-            torch.ops.msda.ms_deform_attn_v2_backward(*case.args, case.grad_output)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms(), pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+        torch.ops.msda.ms_deform_attn_v2_backward(*case.args, case.grad_output)
 
 
 def test_discrete_index_boundaries_and_product_rounding_on_the_device():

@@ -107,6 +107,13 @@ def _metadata(model: DeformableDETR, settings: Optional[InferenceSettings]) -> d
     return to_metadata(dataclasses.replace(settings, variant=variant_of_config(model.config)))
 
 
+def _traceable(model: DeformableDETR, height: int, width: int) -> tuple[RawOutputs, tuple[torch.Tensor, torch.Tensor]]:
+    """What both exporters trace: ``model`` in eval mode returning raw outputs, and example inputs of
+    ``height`` x ``width`` (checked against the supported sizes)."""
+    _check_size(height, width)
+    return RawOutputs(model).eval(), example_inputs(height, width)
+
+
 def _write_onnx_metadata(path: str, metadata: dict[str, str]) -> None:
     with needs_extra():
         import onnx
@@ -130,12 +137,10 @@ def export_onnx(
 ) -> None:
     """Write ``model`` as ONNX (dynamo exporter, dynamic batch and image size) to ``path``, with
     ``settings`` (the checkpoint's preprocessing and class names; defaults if None) as metadata."""
-    _check_size(height, width)
+    wrapped, args = _traceable(model, height, width)
     with needs_extra():  # the exporter's own error would not say how to install them
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
-    wrapped = RawOutputs(model).eval()
-    args = example_inputs(height, width)
     kwargs: dict[str, Any] = dict(
         dynamo=True, dynamic_shapes=_dynamic_shapes(), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES
     )
@@ -162,14 +167,13 @@ def export_aoti(
     with ``settings`` (defaults if None) in the package's metadata.
 
     ``quick_compile``: unoptimised kernels (QUICK_COMPILE), for checking the path rather than deploying."""
-    _check_size(height, width)
-    wrapped = RawOutputs(model).eval()
+    wrapped, args = _traceable(model, height, width)
     metadata = {"num_classes": str(model.config.num_classes), **_metadata(model, settings)}
     configs: dict[str, Any] = {"aot_inductor.metadata": metadata}
     if quick_compile:
         configs.update(QUICK_COMPILE)
     with torch.no_grad():
-        program = torch.export.export(wrapped, example_inputs(height, width), dynamic_shapes=_dynamic_shapes())
+        program = torch.export.export(wrapped, args, dynamic_shapes=_dynamic_shapes())
         return torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 

@@ -30,8 +30,9 @@ for _name in ("msda_cpu_capability", "msda_cpu_capabilities_compiled", "msda_cpu
               "msda_cpu_capability_refusal"):
     getattr(_lib, _name).restype = ctypes.c_char_p
     getattr(_lib, _name).argtypes = []
-_lib.msda_measure_clock_hz.restype = ctypes.c_double
-_lib.msda_measure_clock_hz.argtypes = []
+for _name in ("msda_measure_clock_hz", "msda_measure_clock_hz_multiply"):
+    getattr(_lib, _name).restype = ctypes.c_double
+    getattr(_lib, _name).argtypes = []
 
 
 def _names(raw: bytes) -> list[str]:
@@ -59,8 +60,14 @@ def cpu_capability_refusal() -> str:
 
 
 def measure_clock_hz() -> float:
-    """The core clock in Hz, measured with a dependent add chain (0 if unknown); used by the benchmarks."""
+    """The core clock in Hz, measured with a chain of dependent register adds (0 if unknown); used by the benchmarks."""
     return float(_lib.msda_measure_clock_hz())
+
+
+def measure_clock_hz_multiply() -> float:
+    """The core clock in Hz from a chain of dependent 64-bit multiplies (3 cycles each; 0 where that latency
+    is not known, that is off x86-64): an independent check of :func:`measure_clock_hz`."""
+    return float(_lib.msda_measure_clock_hz_multiply())
 
 
 # Decide the CPU path now, at import, as msda always has (the library itself

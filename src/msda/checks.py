@@ -39,6 +39,31 @@ def check_inputs(
         if not isinstance(arg, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(arg).__name__}")
 
+    L = check_value_and_levels(value, spatial_shapes, level_start_index)
+    N, _, M, _ = value.shape
+    if sampling_locations.dim() != 6:
+        _fail(
+            f"sampling_locations must have shape (N, Lq, M, L, P, 2) (6 dimensions), "
+            f"got {_shape(sampling_locations)}"
+        )
+    Lq, P = sampling_locations.shape[1], sampling_locations.shape[4]
+    expected_loc = (N, Lq, M, L, P, 2)
+    if _shape(sampling_locations) != expected_loc:
+        _fail(
+            f"sampling_locations must have shape (N, Lq, M, L, P, 2) = {expected_loc}, "
+            f"got {_shape(sampling_locations)}"
+        )
+    expected_attn = (N, Lq, M, L, P)
+    if _shape(attention_weights) != expected_attn:
+        _fail(
+            f"attention_weights must have shape (N, Lq, M, L, P) = {expected_attn}, "
+            f"got {_shape(attention_weights)}"
+        )
+    check_dtypes_and_devices(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def check_value_and_levels(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> int:
+    """The checks of value and the level tables (part of :func:`check_inputs`); returns L."""
     if value.dim() != 4:
         _fail(f"value must have shape (N, S, M, D) (4 dimensions), got {_shape(value)}")
     if value.dtype not in VALUE_DTYPES:
@@ -63,26 +88,18 @@ def check_inputs(
         _fail(f"level_start_index must have shape (L,) = ({L},), got {_shape(level_start_index)}")
     if level_start_index.dtype not in INDEX_DTYPES:
         _fail(f"level_start_index must have dtype int32 or int64, got {level_start_index.dtype}")
+    return L
 
-    if sampling_locations.dim() != 6:
-        _fail(
-            f"sampling_locations must have shape (N, Lq, M, L, P, 2) (6 dimensions), "
-            f"got {_shape(sampling_locations)}"
-        )
-    Lq, P = sampling_locations.shape[1], sampling_locations.shape[4]
-    expected_loc = (N, Lq, M, L, P, 2)
-    if _shape(sampling_locations) != expected_loc:
-        _fail(
-            f"sampling_locations must have shape (N, Lq, M, L, P, 2) = {expected_loc}, "
-            f"got {_shape(sampling_locations)}"
-        )
-    expected_attn = (N, Lq, M, L, P)
-    if _shape(attention_weights) != expected_attn:
-        _fail(
-            f"attention_weights must have shape (N, Lq, M, L, P) = {expected_attn}, "
-            f"got {_shape(attention_weights)}"
-        )
 
+def check_dtypes_and_devices(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> None:
+    """The dtypes of the locations and weights and the devices of all inputs (the last part of
+    :func:`check_inputs`, after the shapes)."""
     for name, arg in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if arg.dtype != value.dtype and arg.dtype != torch.float32:
             _fail(f"{name} must have the dtype of value ({value.dtype}) or torch.float32, got {arg.dtype}")

@@ -144,7 +144,7 @@ def sampling_locations(
         # (W_l, H_l) tensor itself, so keep it integer (same promotion).
         normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
         normalizer = normalizer[:, None, :].expand(L, P, 2).reshape(L * P * 2)
-        base = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2).reshape(per_query)
+        base = _per_point(reference_points, (N, Lq, L, P)).view(per_query)
         if flat.dtype in (torch.float32, torch.float64) and base.dtype == flat.dtype and not (
             torch.is_grad_enabled() and (flat.requires_grad or base.requires_grad)
         ):
@@ -158,8 +158,8 @@ def sampling_locations(
             # (addition commutes bitwise; autograd saved only the divisor).
             locations = step.add_(base) if _same_result_dtype(step, base) else base + step
     elif reference_points.shape[-1] == 4:
-        base = reference_points[:, :, None, :, None, :2].expand(N, Lq, 1, L, P, 2).reshape(per_query)
-        size = reference_points[:, :, None, :, None, 2:].expand(N, Lq, 1, L, P, 2).reshape(per_query)
+        base = _per_point(reference_points[..., :2], (N, Lq, L, P)).view(per_query)
+        size = _per_point(reference_points[..., 2:], (N, Lq, L, P)).view(per_query)
         step = flat.div_(n_points) if overwrite_offsets and flat.is_floating_point() else flat / n_points
         in_place = _same_result_dtype(step, size) and _same_result_dtype(step, base)
         # mul_ would have to save step for size's gradient: in place only without one.
@@ -170,6 +170,35 @@ def sampling_locations(
     else:
         raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
     return locations.view(N, Lq, M, L, P, 2)
+
+
+# Integer dtypes as wide as an (x, y) pair of each 16- and 32-bit float dtype.
+_PAIR_AS = {2: torch.int32, 4: torch.int64}
+
+
+def _per_point(pairs: torch.Tensor, points: tuple[int, int, int, int]) -> torch.Tensor:
+    """``pairs`` (N, Lq, L, 2), or any shape that broadcasts to it (one pair
+    for all levels), repeated for each of the P points of ``points``
+    (N, Lq, L, P): a contiguous (N, Lq, L, P, 2) tensor, the same bits.
+
+    torch copies a broadcast of 2-element rows an element at a time (about
+    1 ms at the encoder's shape, a quarter of the whole location step);
+    read as one integer per pair, the same copy moves whole pairs, several
+    times faster. Only for a plain eager tensor that needs no gradient (the
+    integer view has none, and graphs are traced in the float form)."""
+    shape = (*points, 2)
+    wide = _PAIR_AS.get(pairs.element_size())
+    if (
+        _eager_plain(pairs)  # first: torch.compile must not trace the questions below
+        and wide is not None
+        and not (torch.is_grad_enabled() and pairs.requires_grad)
+        and pairs.stride(-1) == 1
+        and all(stride % 2 == 0 for stride in pairs.stride()[:-1])
+        and pairs.storage_offset() % 2 == 0
+    ):
+        whole = pairs.view(wide)[..., None, 0].expand(shape[:-1])
+        return whole.contiguous().view(pairs.dtype).view(shape)
+    return pairs[:, :, :, None, :].expand(shape).contiguous()
 
 
 def _same_result_dtype(a: torch.Tensor, b: torch.Tensor) -> bool:
