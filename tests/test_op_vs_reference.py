@@ -80,9 +80,9 @@ def test_every_channel_path(layout, D, dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_one_head_split_over_threads(threads):
-    # One head, many queries per pixel: the forward's per-head task is cut
-    # into query ranges so that every thread has work; the result must be the
-    # float64 truth's, and bitwise the same at any thread count.
+    # One head, many queries per pixel: the work (forward: queries; backward:
+    # the head's channel blocks) must give every thread a share; the result
+    # must be the float64 truth's, and bitwise the same at any thread count.
     case = make_case(N=1, Lq=200, M=1, D=32, shapes=[(6, 8), (3, 4)], P=4, seed=3, value_dtype=torch.float32)
     previous = torch.get_num_threads()
     try:

@@ -1,18 +1,19 @@
-// Per-head copies: when every row of value is sampled many times (the
-// encoder, where the queries are the pixels themselves), a task works on one
-// head (n, m) and a block of its channels, copied first into a dense buffer,
-// and the backward accumulates into a private dense grad_value buffer that is
-// copied out at the end.
+// Per-head copies, in the backward: when every row of value is sampled many
+// times (the encoder, where the queries are the pixels themselves), a task
+// works on one head (n, m) and a block of its channels, copied first into a
+// dense buffer, and accumulates into a private dense grad_value buffer that
+// is copied out at the end. (The forward reads value in place, a query with
+// all its heads at a time: forward_kernel.h.)
 //
 // Why: in value (N, S, M, D) one head's row slice is D of every M*D elements,
 // so one head's rows use only 1/M of the cache sets (a 1 KB row stride at M 8,
 // D 32 maps a head's 128 bytes of every row onto 8 of L1's 64 sets, and
 // likewise in L2). Dense, the rows a task keeps reusing (those around the
 // current queries, on every level) fit in L2. Measured on the encoder shape
-// (2 cores, AMD EPYC): forward about 1.3x and backward about 1.4x faster,
-// copies included. When rows are sampled only a few times (decoders: 300-900
-// queries over 22k rows) the copies cost more than they save, so the kernels
-// use the tensors directly.
+// (2 cores, AMD EPYC): backward about 1.4x faster, copies included. When
+// rows are sampled only a few times (decoders: 300-900 queries over 22k
+// rows) the copies cost more than they save, so the kernel uses the tensors
+// directly.
 #pragma once
 
 #include "cpu/per_capability.h"
@@ -23,7 +24,6 @@
 
 #include "checks.h"
 #include "cpu/layout.h"
-#include "cpu/tasks.h"
 
 namespace msda::cpu {
 inline namespace CPU_CAPABILITY {
@@ -33,24 +33,11 @@ inline double samples_per_row(const Problem& p) {
   return p.S > 0 ? static_cast<double>(p.Lq) * p.L * p.P / static_cast<double>(p.S) : 0.0;
 }
 
-// Thresholds measured on the benchmark shapes: the encoder (16 samples per
-// row) gains in both passes; the single-level encoder (4) gains in the
-// backward only; decoders (0.2-0.7) lose in both.
-constexpr double kForwardCopiesFrom = 8.0;
+// Threshold measured on the benchmark shapes: the encoder (16 samples per
+// row) and the single-level encoder (4) gain; decoders (0.2-0.7) lose.
 constexpr double kBackwardCopiesFrom = 2.0;
 
-inline bool forward_uses_head_copies(const Problem& p) { return samples_per_row(p) >= kForwardCopiesFrom; }
 inline bool backward_uses_head_copies(const Problem& p) { return samples_per_row(p) >= kBackwardCopiesFrom; }
-
-// Tasks (n, m, channel block), channel blocks from channel_blocks (tasks.h).
-struct HeadSplit {
-  int64_t block_count, block_width;
-  int64_t tasks(const Problem& p) const { return p.N * p.M * block_count; }
-};
-inline HeadSplit head_split(const Problem& p) {
-  const ChannelBlocks blocks = channel_blocks(p.D, std::max<int64_t>(1, p.N * p.M));
-  return {blocks.count, blocks.width};
-}
 
 // Copies `width` channels of each of `rows` rows from src (row_stride apart)
 // into dst (dense, width apart), or back.
