@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import msda  # noqa: E402
 from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs  # noqa: E402
 from dispatch_vs_native import machine  # noqa: E402
+from other_work import OtherWork  # noqa: E402
 from timing import forward_and_backward, time_calls  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = [round(x, 2) for x in os.getloadavg()]
+    other_work = OtherWork()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     timings = time_side_by_side(args.cases, args.rounds, args.calls, args.quick)
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_average_at_start": load_start,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "other_work_cores": other_work.cores(),
         "threads": args.threads,
         "quick": args.quick,
         "msda_cpu_capability": msda._extension.EXTENSION.cpu_capability(),

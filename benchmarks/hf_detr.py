@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 
 import msda.integrations.transformers as msda_hf  # noqa: E402
 from msda.integrations import _shared  # noqa: E402
+from other_work import OtherWork  # noqa: E402
 from run_all import machine_info  # noqa: E402
 
 CONFIGS = ("transformers", "msda layer", "msda")
@@ -273,6 +274,7 @@ def main() -> None:
     model = build_model(num_queries=100 if args.quick else 300)
     cases = []
     load_at_start = list(os.getloadavg())
+    other_work = OtherWork()
     if not args.split_only:
         if not args.quick:
             cases.append(inference_case(model, 800, 1333, repeats))
@@ -323,6 +325,7 @@ def main() -> None:
         "elapsed_s": time.time() - started,
         "load_average_at_start": load_at_start,
         "load_average_at_end": list(os.getloadavg()),
+        "other_work_cores": other_work.cores(),
         "command": "python benchmarks/hf_detr.py " + " ".join(sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 CASE = "encoder_n1"
 GOALS = {"forward": 50.0, "forward+backward": 40.0}
+MSDA_FLOOR = "floor, msda's orders (forward in strips, backward on dense head copies)"
 LINE_BYTES = 64
 
 
@@ -81,12 +82,27 @@ def corner_samples(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
     return rows_t, weights_t, L * P
 
 
+def forward_query_order(inputs: dict) -> torch.Tensor:
+    """The order in which the CPU forward visits the queries of image 0
+    (csrc/cpu/query_order.h): by the vertical strip of the x of each query's
+    first point (head 0, level 0, point 0), strips about 32 pixels wide on the
+    widest level (1 to 64 of them), then by query; outside [0, 1) or NaN: the
+    nearest edge strip."""
+    widest = int(inputs["spatial_shapes"][:, 1].max())
+    strips = min(max(widest // 32, 1), 64)
+    x = inputs["sampling_locations"][0, :, 0, 0, 0, 0].float() * strips
+    strip = torch.nan_to_num(x, nan=0.0).clamp(0, strips - 1).floor().long()
+    return torch.sort(strip, stable=True).indices
+
+
 def write_samples(path: str, rows: torch.Tensor, weights: torch.Tensor, per_item: int, value_floats: int,
-                  heads: int) -> None:
+                  heads: int, query_order: torch.Tensor) -> None:
     with open(path, "wb") as f:
-        f.write(torch.tensor([rows.shape[0], value_floats, per_item, heads], dtype=torch.int64).numpy().tobytes())
+        header = [rows.shape[0], value_floats, per_item, heads, query_order.numel()]
+        f.write(torch.tensor(header, dtype=torch.int64).numpy().tobytes())
         f.write(rows.contiguous().numpy().tobytes())
         f.write(weights.contiguous().numpy().tobytes())
+        f.write(query_order.to(torch.int64).contiguous().numpy().tobytes())
 
 
 def run_floor(sample_path: str, workdir: str) -> dict:
@@ -157,9 +173,12 @@ def model(floor: dict, ops: dict, samples: int) -> dict:
     rows = {
         "floor, L1-resident rows (instructions only)": floor_cycles("query-major", "l1_ring"),
         "floor, encoder rows, query-major (value as laid out)": floor_cycles("query-major", "rows"),
+        "floor, encoder rows, query-major in strips (msda's forward)": floor_cycles("query-major, strips", "rows"),
         "floor, encoder rows, head-major (value as laid out)": floor_cycles("head-major", "rows"),
-        "floor, encoder rows, head-major on dense head copies (msda's way)":
+        "floor, encoder rows, head-major on dense head copies (msda's backward)":
             floor_cycles("head-major, dense head copies", "rows"),
+        MSDA_FLOOR: {"forward": floor_cycles("query-major, strips", "rows")["forward"],
+                     "backward": floor_cycles("head-major, dense head copies", "rows")["backward"]},
         "goal: 50x forward, 40x forward+backward": goal,
         "msda, 1 thread": msda_1,
         f"msda, {threads} threads": msda_n,
@@ -181,17 +200,19 @@ def main() -> int:
 
     from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs
     from roofline import measured_peaks
+    from other_work import OtherWork
     from run_all import machine_info
 
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = machine_info()
+    other_work = OtherWork()
     case = (QUICK_OP_CASES if args.quick else OP_CASES)[CASE]
     inputs = make_op_inputs(case, torch.device("cpu"))
     rows, weights, per_item = corner_samples(inputs)
     samples = rows.shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "samples.bin")
-        write_samples(path, rows, weights, per_item, inputs["value"].numel(), case.M)
+        write_samples(path, rows, weights, per_item, inputs["value"].numel(), case.M, forward_query_order(inputs))
         del rows, weights
         floor = run_floor(path, tmp)
     ops = time_ops(inputs, args.repeats, args.threads)
@@ -234,6 +255,7 @@ def main() -> int:
         "ops": ops,
         "model": result_model,
         "load_average_at_end": list(os.getloadavg()),
+        "other_work_cores": other_work.cores(),
     }
     report["machine"]["load_average_at_end"] = report["load_average_at_end"]
     text = markdown(report)
@@ -256,7 +278,10 @@ def markdown(r: dict) -> str:
         f"{c['samples'] / 1e6:.2f} M samples), float32",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['msda_build']}; {r['ops']['threads']} threads. "
-        f"Load average at start {la(m['load_average_at_start'])}, at end {la(r['load_average_at_end'])}. "
+        f"Load average at start {la(m['load_average_at_start'])}, at end {la(r['load_average_at_end'])} (counting "
+        "this run's own)"
+        + (f"; other processes kept {r['other_work_cores']:.2f} cores busy on average"
+           if r.get("other_work_cores") is not None else "") + ". "
         f"{r['date_utc']}. Command: `{r['command'].strip()}`.",
         "",
         "## What the hardware does (measured)",
@@ -281,8 +306,8 @@ def markdown(r: dict) -> str:
         "* distinct 64-byte lines a sample needs that the last W items did not touch (an item: one query's "
         "16 samples in one head; what must come from beyond L1 when W items' lines fit in it: "
         "48 KiB of L1 holds 768 lines), in the op's memory order (a query's 8 heads, then the next query), "
-        "head-major (one head's queries in memory order, then the next head), and head-major on dense "
-        "per-head copies:",
+        "the same with the queries in vertical strips (the forward's order), head-major (one head's queries "
+        "in memory order, then the next head), and head-major on dense per-head copies (the backward's):",
         "",
         "| order \\ W | " + " | ".join(next(iter(ps["new_lines_not_touched_in_last_w_items"].values()))) + " |",
         "|---|" + "---|" * len(next(iter(ps["new_lines_not_touched_in_last_w_items"].values()))),
@@ -307,7 +332,8 @@ def markdown(r: dict) -> str:
     model_rows = r["model"]
     msda = model_rows[f"msda, {r['ops']['threads']} threads"]["cycles_per_sample"]
     goal = model_rows["goal: 50x forward, 40x forward+backward"]["cycles_per_sample"]
-    floor = model_rows["floor, encoder rows, head-major on dense head copies (msda's way)"]["cycles_per_sample"]
+    floor = model_rows[MSDA_FLOOR]["cycles_per_sample"]
+    floor_speedup = model_rows[MSDA_FLOOR]["speedup_over_reference"]
     query_major = model_rows["floor, encoder rows, query-major (value as laid out)"]["cycles_per_sample"]
     lines += [
         "",
@@ -316,9 +342,11 @@ def markdown(r: dict) -> str:
         f"* To reach the goals msda must drop from {msda['forward']:.1f} to {goal['forward']:.1f} cycles per sample "
         f"forward and from {msda['backward']:.1f} to {goal['backward']:.1f} backward "
         f"({msda['forward'] - goal['forward']:+.1f} / {msda['backward'] - goal['backward']:+.1f}).",
-        f"* msda's encoder tasks work on one head at a time on a dense copy of its rows (head_copies.h); the same "
-        f"data movement takes {floor['forward']:.1f} (forward) and {floor['backward']:.1f} (backward) cycles per "
-        f"sample there (the copies, about 2 passes over value per call, not included); msda spends {msda['forward'] - floor['forward']:.1f} and "
+        f"* msda's forward visits a query's 8 heads at a time on value as laid out, the queries in vertical "
+        f"strips (query_order.h); its backward works on one head at a time on a dense copy of its rows "
+        f"(head_copies.h). The same data movement in those orders takes {floor['forward']:.1f} (forward) and "
+        f"{floor['backward']:.1f} (backward) cycles per sample (the backward's copies, about 2 passes over value "
+        f"per call, not included); msda spends {msda['forward'] - floor['forward']:.1f} and "
         f"{msda['backward'] - floor['backward']:.1f} more: coordinate arithmetic, corner weights and bounds, the "
         "location gradient's dot products, the head copies, per-call costs (and any imperfect 2-thread scaling). "
         + ("That remainder is larger than the data movement in both passes: it, not memory, is where the next "
@@ -329,14 +357,12 @@ def markdown(r: dict) -> str:
         f"{goal['backward'] - floor['backward']:.1f} (backward) cycles per sample beyond the data movement; it spends "
         f"{msda['forward'] - floor['forward']:.1f} and {msda['backward'] - floor['backward']:.1f} now.",
         f"* The floor's speedups are upper bounds for this design (no arithmetic at all): forward "
-        f"{model_rows[next(k for k in model_rows if 'dense' in k)]['speedup_over_reference']['forward']:.0f}x, "
-        f"forward+backward "
-        f"{model_rows[next(k for k in model_rows if 'dense' in k)]['speedup_over_reference']['forward+backward']:.0f}x "
-        f"against the goals' 50x and 40x.",
-        f"* In the op's memory order on value as laid out it takes {query_major['forward']:.1f} and "
-        f"{query_major['backward']:.1f} (dense head-major minus this: "
+        f"{floor_speedup['forward']:.0f}x, forward+backward {floor_speedup['forward+backward']:.0f}x against the "
+        f"goals' 50x and 40x.",
+        f"* In the op's memory order on value as laid out the data movement takes {query_major['forward']:.1f} and "
+        f"{query_major['backward']:.1f} (msda's orders minus this: "
         f"{floor['forward'] - query_major['forward']:+.1f} / {floor['backward'] - query_major['backward']:+.1f}; "
-        "negative: the dense head-major order moves the data in fewer cycles).",
+        "negative: msda's orders move the data in fewer cycles).",
     ]
     return "\n".join(lines) + "\n"
 

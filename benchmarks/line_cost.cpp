@@ -10,9 +10,11 @@
 //   g++ -O3 -march=native benchmarks/line_cost.cpp -o /tmp/line_cost
 //   /tmp/line_cost SAMPLES_FILE      # written by limit_model.py
 //
-// SAMPLES_FILE: int64 header (samples, value floats, samples per item, heads M), then
-// samples x 4 int32 corner row offsets in floats (row * M * D + m * D), then
-// samples x 4 float32 corner weights (bilinear weight x attention weight).
+// SAMPLES_FILE: int64 header (samples, value floats, samples per item, heads M,
+// queries in the strip order Q: 0 or samples / per_item / M), then samples x 4
+// int32 corner row offsets in floats (row * M * D + m * D), then samples x 4
+// float32 corner weights (bilinear weight x attention weight), then Q int64
+// query indices: the order in which the kernels' forward visits the queries.
 //
 // Measured, each on one core, best of 5 sweeps (the floor, not a typical run):
 //   forward   per sample: 8 x 64-byte loads + 8 FMAs into an item's output
@@ -22,9 +24,11 @@
 //             same 4 rows of grad_value (8 loads, 8 FMAs, 8 stores);
 // each on the real rows (the sample set's cache behaviour) and on a 16-slot
 // ring of rows that stays in L1 (the instructions alone), with the items in
-// three orders: query-major (the op's memory order: a query's 8 heads, then
-// the next query), head-major (one head's queries, then the next head), and
-// head-major on per-head dense copies of value (as the kernels' head-copy tasks);
+// four orders: query-major (the op's memory order: a query's 8 heads, then
+// the next query), query-major with the queries in vertical strips (the
+// forward kernel's order, query_order.h), head-major (one head's queries,
+// then the next head), and head-major on per-head dense copies of value (as
+// the backward kernel's head-copy tasks);
 // and the machine's: the core clock (a chain of dependent register adds, one
 // per cycle; see clock_hz), and L1 and L2 load bandwidth (64-byte loads over a 16 KiB and a
 // 1 MiB buffer), and, from the sample set, the distinct 64-byte lines a
@@ -75,6 +79,7 @@ struct SampleSet {
   int64_t samples = 0, value_floats = 0, per_item = 0, heads = 0;
   std::vector<int32_t> rows;   // 4 per sample: offsets in floats
   std::vector<float> weights;  // 4 per sample
+  std::vector<int64_t> query_order;  // the forward's query order (empty: not given)
 };
 
 SampleSet read_samples(const char* path) {
@@ -84,16 +89,18 @@ SampleSet read_samples(const char* path) {
     std::perror(path);
     std::exit(2);
   }
-  int64_t header[4];
-  bool ok = std::fread(header, sizeof(int64_t), 4, f) == 4;
+  int64_t header[5];
+  bool ok = std::fread(header, sizeof(int64_t), 5, f) == 5;
   s.samples = header[0];
   s.value_floats = header[1];
   s.per_item = header[2];
   s.heads = header[3];
   s.rows.resize(4 * s.samples);
   s.weights.resize(4 * s.samples);
+  s.query_order.resize(header[4]);
   ok = ok && std::fread(s.rows.data(), sizeof(int32_t), s.rows.size(), f) == s.rows.size();
   ok = ok && std::fread(s.weights.data(), sizeof(float), s.weights.size(), f) == s.weights.size();
+  ok = ok && std::fread(s.query_order.data(), sizeof(int64_t), s.query_order.size(), f) == s.query_order.size();
   std::fclose(f);
   if (!ok) {
     std::fprintf(stderr, "%s: short file\n", path);
@@ -109,13 +116,21 @@ std::vector<int32_t> ring_rows(const SampleSet& s) {
   return rows;
 }
 
-// Item orders: the kernels' (query-major: the 8 heads of a query, then the
-// next query), and head-major (one head's queries in memory order, then the
-// next head), whose consecutive items sample neighbouring pixels of one head.
-std::vector<int64_t> item_order(const SampleSet& s, bool head_major) {
+// Item orders: query-major (the 8 heads of a query, then the next query),
+// in memory order or with the queries in the given strip order, and
+// head-major (one head's queries in memory order, then the next head), whose
+// consecutive items sample neighbouring pixels of one head.
+enum class Order { kQueryMajor, kQueryMajorStrips, kHeadMajor };
+std::vector<int64_t> item_order(const SampleSet& s, Order kind) {
   const int64_t items = s.samples / s.per_item, queries = items / s.heads;
   std::vector<int64_t> order(items);
-  for (int64_t i = 0; i < items; ++i) order[i] = head_major ? (i % queries) * s.heads + i / queries : i;
+  for (int64_t i = 0; i < items; ++i) {
+    switch (kind) {
+      case Order::kQueryMajor: order[i] = i; break;
+      case Order::kQueryMajorStrips: order[i] = s.query_order[i / s.heads] * s.heads + i % s.heads; break;
+      case Order::kHeadMajor: order[i] = (i % queries) * s.heads + i / queries; break;
+    }
+  }
   return order;
 }
 
@@ -269,15 +284,23 @@ int main(int argc, char** argv) {
   std::printf("{\"clock_hz\": %.6e, \"clock_hz_multiply_chain\": %.6e, \"samples\": %lld, \"points_per_item\": %lld, \"heads\": %lld, \"orders\": {", hz,
               hz_multiply, static_cast<long long>(s.samples), static_cast<long long>(s.per_item), static_cast<long long>(s.heads));
   const std::vector<int32_t> dense = dense_head_rows(s);
-  const char* names[] = {"query-major", "head-major", "head-major, dense head copies"};
-  for (int variant = 0; variant < 3; ++variant) {
-    const std::vector<int64_t> order = item_order(s, variant > 0);
-    const std::vector<int32_t>& rows = variant == 2 ? dense : s.rows;
+  struct Variant {
+    const char* name;
+    Order order;
+    bool dense;
+  };
+  std::vector<Variant> variants = {{"query-major", Order::kQueryMajor, false},
+                                   {"head-major", Order::kHeadMajor, false},
+                                   {"head-major, dense head copies", Order::kHeadMajor, true}};
+  if (!s.query_order.empty()) variants.insert(variants.begin() + 1, {"query-major, strips", Order::kQueryMajorStrips, false});
+  for (size_t variant = 0; variant < variants.size(); ++variant) {
+    const std::vector<int64_t> order = item_order(s, variants[variant].order);
+    const std::vector<int32_t>& rows = variants[variant].dense ? dense : s.rows;
     const double fwd_rows = time_forward(s, order, rows, value, out.data()) * per;
     const double fwd_ring = time_forward(s, order, ring, value, out.data()) * per;
     const double bwd_rows = time_backward(s, order, rows, value, grad, grad_out.data(), dots.data()) * per;
     const double bwd_ring = time_backward(s, order, ring, value, grad, grad_out.data(), dots.data()) * per;
-    std::printf("%s\"%s\": {", variant ? ", " : "", names[variant]);
+    std::printf("%s\"%s\": {", variant ? ", " : "", variants[variant].name);
     std::printf("\"forward_s_per_sample\": {\"rows\": %.6e, \"l1_ring\": %.6e},", fwd_rows, fwd_ring);
     std::printf(" \"backward_s_per_sample\": {\"rows\": %.6e, \"l1_ring\": %.6e},", bwd_rows, bwd_ring);
     std::printf(" \"new_lines_per_sample\": {");

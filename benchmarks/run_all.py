@@ -34,6 +34,7 @@ from msda import _extension  # noqa: E402
 from cases import OP_CASES  # noqa: E402
 from module_bench import MODULE_CASES  # noqa: E402
 from plot import plot_speedups  # noqa: E402
+from other_work import OtherWork  # noqa: E402
 from report import check_targets, compare, markdown  # noqa: E402
 from roofline import machine_peaks  # noqa: E402
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_cuda and torch.cuda.is_available():
         devices.append("cuda")
     machine = machine_info()
+    other_work = OtherWork()
     print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"msda {machine['msda_build']}", flush=True)
     peaks = machine_peaks(args.threads, quick=args.quick)
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": started.isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - t0,
         "load_average_at_end": os.getloadavg(),
+        "other_work_cores": other_work.cores(),
         "settings": {
             "command": " ".join(["python benchmarks/run_all.py",
                                  *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),

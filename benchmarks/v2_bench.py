@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from other_work import OtherWork  # noqa: E402
+
 LEVELS = ((80, 80), (40, 40), (20, 20))
 N, LQ, M, D = 2, 300, 8, 32
 POINTS = ([4, 4, 4], [3, 6, 3])
@@ -131,7 +133,9 @@ def markdown(report: dict) -> str:
         f"Machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, {torch.get_num_threads()} threads; "
         f"{m['msda_build']}. Load average at start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}"
         + (f", at end: {', '.join(f'{x:.2f}' for x in report['load_average_at_end'])}" if "load_average_at_end" in report
-           else "") + (f"; {report['date_utc']}" if "date_utc" in report else "") + ".",
+           else "") + (f"; other processes kept {report['other_work_cores']:.2f} cores busy on average during the run"
+                       if report.get("other_work_cores") is not None else "")
+        + (f"; {report['date_utc']}" if "date_utc" in report else "") + ".",
         f"Shape: N {N}, Lq {LQ}, M {M}, D {D}, levels {', '.join(f'{h}x{w}' for h, w in LEVELS)}; float32; "
         f"median of {report['repeats']} interleaved calls each.",
         "",
@@ -222,6 +226,7 @@ def main() -> int:
     if args.worker:
         v1_worker(args)
         return 0
+    other_work = OtherWork()
     report = {"machine": machine(), "repeats": args.repeats, "threads": torch.get_num_threads(),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "command": "python benchmarks/v2_bench.py " + " ".join(sys.argv[1:])}
@@ -231,6 +236,7 @@ def main() -> int:
     else:
         report.update(run_cases(args))
         report["load_average_at_end"] = list(os.getloadavg())
+        report["other_work_cores"] = other_work.cores()
         with open(args.out + ".md", "w") as f:
             f.write(markdown(report))
         print(markdown(report))

@@ -128,7 +128,8 @@ def test_limit_model_quick_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(open(out + ".json").read())
     assert report["quick"] is True and report["case"]["samples"] > 0
-    assert set(report["floor_raw"]["orders"]) == {"query-major", "head-major", "head-major, dense head copies"}
+    assert set(report["floor_raw"]["orders"]) == {"query-major", "query-major, strips", "head-major",
+                                                  "head-major, dense head copies"}
     for row in report["model"].values():
         assert row["cycles_per_sample"]["forward"] > 0 and row["speedup_over_reference"]["forward"] > 0
     assert len(report["load_average_at_end"]) == 3 and report["clock_hz"] > 0

@@ -31,6 +31,8 @@ COMMANDS = {
     "v2_bench.json": "python benchmarks/v2_bench.py",
     "v2_bench_v1_check.json": "python benchmarks/v2_bench.py --v1-check --baseline-src <another build>/src",
     "hf_detr.json": "python benchmarks/hf_detr.py --split",
+    "hf_detr_split.json": "python benchmarks/hf_detr.py --split-only",
+    "dtype_bench.json": "python benchmarks/dtype_bench.py",
     "detr_inference.json": "python benchmarks/detr_inference.py",
     "onnx_detr.json": "python benchmarks/onnx_detr.py",
     "dispatch_vs_native.json": "python benchmarks/dispatch_vs_native.py",
@@ -73,6 +75,8 @@ def _machine(data: dict[str, Any]) -> str:
     load_avg = m.get("load_average_at_start") or m.get("load_average_1_5_15min") or data.get("load_average_start")
     if load_avg:
         parts.append(f"load average {load_avg[0]:.1f} at the start")
+    if data.get("other_work_cores") is not None:  # benchmarks/other_work.py
+        parts.append(f"other processes used {data['other_work_cores']:.2f} cores during the run")
     return "; ".join(parts)
 
 
@@ -124,6 +128,17 @@ def v2_table(data: dict[str, Any]) -> str:
     return _table(["points per level", "method", "pass", "msda ms", "reference ms", "speed-up"], rows)
 
 
+def dtype_table(data: dict[str, Any]) -> str:
+    rows = []
+    for case, by_dtype in data["timings"].items():
+        for dtype, r in by_dtype.items():
+            sp = r.get("speedup_vs_float32", {"forward": 1.0, "forward_backward": 1.0})
+            rows.append([case, dtype, _ms(r["forward"]["median_s"]), _ms(r["forward_backward"]["median_s"]),
+                         f"{sp['forward']:.2f}x", f"{sp['forward_backward']:.2f}x"])
+    return _table(["case", "dtype", "forward ms", "forward+backward ms", "forward vs float32",
+                   "forward+backward vs float32"], rows)
+
+
 def v2_v1_check_table(data: dict[str, Any]) -> str:
     rows = [[r["pass"], f"{r['before_ms']:.2f}", f"{r['after_ms']:.2f}", f"{r['after_over_before']:.3f}"]
             for r in data["rows"]]
@@ -171,6 +186,7 @@ def omp_table(data: dict[str, Any]) -> str:
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "op": ("benchmark.json", op_table),
     "v2": ("v2_bench.json", v2_table),
+    "dtype": ("dtype_bench.json", dtype_table),
     "v2_v1_check": ("v2_bench_v1_check.json", v2_v1_check_table),
     "hf_detr": ("hf_detr.json", hf_table),
     "detr_inference": ("detr_inference.json", detr_inference_table),
@@ -204,7 +220,21 @@ def readme_block() -> str:
         if c["case"].startswith(("inference", "training")):
             rows.append([f"transformers Deformable DETR, {c['case']}", _x(c["speedup"]["msda"]),
                          f"`{source_cmd('hf_detr.json', hf)}`", _machine_date(hf)])
-    table = _table(["what (msda against the pure-PyTorch path, same run)", "speed-up", "command", "machine, date"], rows)
+    # msda's own 16-bit kernels against its float32 kernel, and its share of a whole model.
+    dtypes = load("dtype_bench.json")
+    for case in ("encoder_n1", "decoder"):
+        row = dtypes["timings"].get(case)
+        if row:
+            rows.append([f"op, {case} shape, forward: bfloat16 / float16 against msda's float32",
+                         " / ".join(f'{row[d]["speedup_vs_float32"]["forward"]:.2f}x' for d in ("bfloat16", "float16")),
+                         f"`{source_cmd('dtype_bench.json', dtypes)}`", _machine_date(dtypes)])
+    split = load("hf_detr_split.json")
+    for c in split["cases"]:
+        if "msda_share" in c:
+            rows.append(["msda's share of a transformers Deformable DETR inference at 800x1333 (lower is better)",
+                         f"{c['msda_share']:.1%}", f"`{source_cmd('hf_detr_split.json', split)}`",
+                         _machine_date(split)])
+    table = _table(["what (measured in one run)", "figure", "command", "machine, date"], rows)
     return f"{START}\n{table}\n{END}"
 
 
