@@ -46,6 +46,8 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
+from other_work import OtherWork, describe  # noqa: E402
+
 CASE = "encoder_n1"
 GOALS = {"forward": 50.0, "forward+backward": 40.0}
 MSDA_FLOOR = "floor, msda's orders (forward in strips, backward on dense head copies)"
@@ -200,7 +202,6 @@ def main() -> int:
 
     from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs
     from roofline import measured_peaks
-    from other_work import OtherWork
     from run_all import machine_info
 
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -280,8 +281,7 @@ def markdown(r: dict) -> str:
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['msda_build']}; {r['ops']['threads']} threads. "
         f"Load average at start {la(m['load_average_at_start'])}, at end {la(r['load_average_at_end'])} (counting "
         "this run's own)"
-        + (f"; other processes kept {r['other_work_cores']:.2f} cores busy on average"
-           if r.get("other_work_cores") is not None else "") + ". "
+        + (f"; {describe(r['other_work_cores'])}" if r.get("other_work_cores") is not None else "") + ". "
         f"{r['date_utc']}. Command: `{r['command'].strip()}`.",
         "",
         "## What the hardware does (measured)",

@@ -106,6 +106,15 @@ SampleSet read_samples(const char* path) {
     std::fprintf(stderr, "%s: short file\n", path);
     std::exit(2);
   }
+  // A query order, when given, has one index in [0, queries) per query.
+  const int64_t queries = s.per_item > 0 && s.heads > 0 ? s.samples / s.per_item / s.heads : 0;
+  bool order_ok = s.query_order.empty() || s.query_order.size() == static_cast<size_t>(queries);
+  for (const int64_t q : s.query_order) order_ok = order_ok && q >= 0 && q < queries;
+  if (!order_ok) {
+    std::fprintf(stderr, "%s: the query order must hold %lld indices in [0, %lld)\n", path,
+                 static_cast<long long>(queries), static_cast<long long>(queries));
+    std::exit(2);
+  }
   return s;
 }
 

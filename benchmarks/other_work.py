@@ -40,6 +40,13 @@ def _own_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def describe(cores: float | None) -> str:
+    """The phrase the results files use for OtherWork.cores()."""
+    if cores is None:
+        return "other work during the run: not measured"
+    return f"other processes kept {cores:.2f} cores busy on average during the run"
+
+
 class OtherWork:
     """Average cores used by other processes between construction and cores()."""
 

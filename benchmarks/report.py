@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from other_work import describe
 from roofline import op_flops, roofline_row
 
 # (case, metric, threshold, description); metric "memory_ratio" must be <= 1/threshold,
@@ -87,9 +88,8 @@ def _ms(seconds: float) -> str:
 def _other_work(cores: float | None) -> str:
     """What other processes took while the benchmark ran (benchmarks/other_work.py)."""
     if cores is None:
-        return "other work during the run: not measured"
-    return (f"other processes kept {cores:.2f} cores busy on average during the run (0: the timings ran alone; "
-            "other work slows both sides)")
+        return describe(cores)
+    return describe(cores) + " (0: the timings ran alone; other work slows both sides)"
 
 
 def _load(averages: list[float]) -> str:

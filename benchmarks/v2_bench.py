@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from other_work import OtherWork  # noqa: E402
+from other_work import OtherWork, describe  # noqa: E402
 
 LEVELS = ((80, 80), (40, 40), (20, 20))
 N, LQ, M, D = 2, 300, 8, 32
@@ -133,8 +133,7 @@ def markdown(report: dict) -> str:
         f"Machine: {m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, {torch.get_num_threads()} threads; "
         f"{m['msda_build']}. Load average at start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}"
         + (f", at end: {', '.join(f'{x:.2f}' for x in report['load_average_at_end'])}" if "load_average_at_end" in report
-           else "") + (f"; other processes kept {report['other_work_cores']:.2f} cores busy on average during the run"
-                       if report.get("other_work_cores") is not None else "")
+           else "") + (f"; {describe(report['other_work_cores'])}" if report.get("other_work_cores") is not None else "")
         + (f"; {report['date_utc']}" if "date_utc" in report else "") + ".",
         f"Shape: N {N}, Lq {LQ}, M {M}, D {D}, levels {', '.join(f'{h}x{w}' for h, w in LEVELS)}; float32; "
         f"median of {report['repeats']} interleaved calls each.",
