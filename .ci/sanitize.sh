@@ -40,7 +40,7 @@ SANITIZE="-fsanitize=address,undefined -fno-wrapv -fno-sanitize-recover=all -fno
 # Arguments, if given, replace this selection (e.g. `tests/test_edge_cases.py -k overflow`).
 TESTS=(tests/test_op_vs_reference.py tests/test_gradcheck.py tests/test_edge_cases.py tests/test_errors.py
        tests/test_zero_sizes.py tests/test_determinism.py tests/test_fuzz.py
-       tests/test_v2_edge_cases.py tests/test_v2_op.py
+       tests/test_v2_edge_cases.py tests/test_v2_op.py tests/test_cpu_cache.py
        --deselect "tests/test_op_vs_reference.py::test_wide_channels[dtype0-4096]"
        --deselect "tests/test_gradcheck.py::test_gradcheck_float64[64]"
        --deselect "tests/test_gradcheck.py::test_gradcheck_float64[71]")

@@ -1,4 +1,5 @@
-// Schemas of msda's ops, and the C functions that report the CPU dispatch.
+// Schemas of msda's ops, and the C functions that report the CPU dispatch
+// and control the CPU output cache.
 // The kernels live in csrc/cpu (CPU) and csrc/cuda (CUDA), each registering
 // itself with TORCH_LIBRARY_IMPL; the fake kernels and the autograd formula
 // are registered from Python (src/msda/ops.py).
@@ -13,6 +14,7 @@
 
 #include "cpu/clock.h"
 #include "cpu/dispatch.h"
+#include "cpu/output_cache.h"
 
 namespace {
 using msda::cpu::Capability;
@@ -55,6 +57,12 @@ __attribute__((visibility("default"))) double msda_measure_clock_hz() { return m
 __attribute__((visibility("default"))) double msda_measure_clock_hz_multiply() {
   return msda::cpu::measure_clock_hz_multiply();
 }
+// The CPU output cache (cpu/output_cache.h), for msda.cpu_cache.
+__attribute__((visibility("default"))) int64_t msda_cpu_cache_release() { return msda::cpu::release_cached_blocks(); }
+__attribute__((visibility("default"))) int64_t msda_cpu_cache_set_limit(int64_t bytes) {
+  return msda::cpu::set_cache_limit(bytes);
+}
+__attribute__((visibility("default"))) void msda_cpu_cache_stats(int64_t* out) { msda::cpu::cache_stats(out); }
 }
 
 TORCH_LIBRARY(msda, m) {

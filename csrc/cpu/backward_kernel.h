@@ -31,6 +31,7 @@
 #include "cpu/head_copies.h"
 #include "cpu/item_inputs.h"
 #include "cpu/layout.h"
+#include "cpu/output_cache.h"
 #include "cpu/tasks.h"
 #include "cpu/vec_ops.h"
 
@@ -203,9 +204,15 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const ItemInpu
   at::parallel_for(0, p.N * split.groups * blocks, 1, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(split.block_width, scalar_t(0));
     std::vector<acc_t> scratch(split.block_width);  // grad_value writes of corners outside the map land here
-    std::vector<scalar_t> value_rows(copies ? p.S * split.block_width : 0);
+    // Rows of whole maps (MB each on an encoder): from the output cache, so
+    // that call after call reuses memory already in place (output_cache.h),
+    // and uninitialised, since each task fills the rows it uses.
+    const CachedBytes value_block(copies ? p.S * split.block_width * int64_t(sizeof(scalar_t)) : 0);
+    scalar_t* const value_rows = value_block.as<scalar_t>();
     // The task's grad_value slice, dense: rows of its heads' channels side by side.
-    std::vector<acc_t> grad_rows(private_grad ? p.S * split.heads_per_group * split.block_width : 0);
+    const int64_t grad_rows_count = private_grad ? p.S * split.heads_per_group * split.block_width : 0;
+    const CachedBytes grad_block(grad_rows_count * int64_t(sizeof(acc_t)));
+    acc_t* const grad_rows = grad_block.as<acc_t>();
     BackwardItem<scalar_t, acc_t> it(points_per_item);
     std::vector<acc_t> loc_buffer(2 * points_per_item), attn_buffer(points_per_item), go_buffer(split.block_width);
     std::vector<acc_t> grad_loc_item(direct ? 0 : 2 * points_per_item), grad_attn_item(direct ? 0 : points_per_item);
@@ -222,8 +229,8 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const ItemInpu
       // side by side (with several heads per group there is one block, so in
       // grad_value too they are one contiguous run per row).
       const int64_t grad_width = (m_end - m_begin) * width;
-      if (copies) copy_rows_in(value + slice, p.S, row_stride, width, value_rows.data());  // one head per task
-      if (private_grad) std::fill(grad_rows.begin(), grad_rows.begin() + p.S * grad_width, acc_t(0));
+      if (copies) copy_rows_in(value + slice, p.S, row_stride, width, value_rows);  // one head per task
+      if (private_grad) std::fill(grad_rows, grad_rows + p.S * grad_width, acc_t(0));
       for (int64_t q = 0; q < p.Lq; ++q) {
         if (q + kPrefetchAhead < p.Lq) {
           // Each task reads its heads' slices of the per-query arrays, strided
@@ -242,9 +249,9 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const ItemInpu
           const int64_t item = (n * p.Lq + q) * p.M + m;
           const int64_t head_offset = n * p.S * row_stride + m * p.D + c0;
           const CornerTarget targets[2] = {
-              copies ? corner_target(static_cast<const scalar_t*>(value_rows.data()), width, zeros.data())
+              copies ? corner_target(static_cast<const scalar_t*>(value_rows), width, zeros.data())
                      : corner_target(value + head_offset, row_stride, zeros.data()),
-              private_grad ? corner_target(static_cast<const acc_t*>(grad_rows.data()) + (m - m_begin) * width,
+              private_grad ? corner_target(static_cast<const acc_t*>(grad_rows) + (m - m_begin) * width,
                                            grad_width, static_cast<const acc_t*>(scratch.data()))
                      : corner_target(static_cast<const acc_t*>(grad_value + head_offset), row_stride,
                                      static_cast<const acc_t*>(scratch.data()))};
@@ -277,7 +284,7 @@ void backward_kernel(const Layout& layout, const scalar_t* value, const ItemInpu
       }
       if (private_grad) {
         for (int64_t r = 0; r < p.S; ++r) {
-          narrow(grad_rows.data() + r * grad_width, grad_width, grad_value_data + slice + r * row_stride);
+          narrow(grad_rows + r * grad_width, grad_width, grad_value_data + slice + r * row_stride);
         }
       }
     }

@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "cpu/layout.h"
+#include "cpu/output_cache.h"
 
 namespace msda::cpu {
 
@@ -53,7 +54,7 @@ at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes
                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const KernelInputs in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const Problem& p = in.layout.p;
-  at::Tensor out = at::empty({p.N, p.Lq, p.M * p.D}, value.options());
+  at::Tensor out = cached_empty({p.N, p.Lq, p.M * p.D}, value.options());
   if (out.numel() == 0) return out;
   ms_deform_attn_forward_kernel.get()(in.layout, in.value, in.loc, in.attn, out);
   return out;
@@ -77,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   // (numel() is used, not a product of sizes, which could overflow.)
   const bool any_work = attention_weights.numel() > 0 && p.D > 0;
   const auto alloc = [any_work](at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return any_work ? at::empty(sizes, options) : at::zeros(sizes, options);
+    return any_work ? cached_empty(sizes, options) : cached_zeros(sizes, options);
   };
   // When it runs, the kernel writes every location and weight gradient, and
   // writes or zeroes all of grad_value (kernels.h).

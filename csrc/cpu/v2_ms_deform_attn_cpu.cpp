@@ -17,6 +17,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "cpu/layout.h"
+#include "cpu/output_cache.h"
 #include "cpu/v2_kernels.h"
 #include "v2_checks.h"
 
@@ -71,8 +72,8 @@ at::Tensor forward_v2_cpu(const at::Tensor& value, const at::Tensor& spatial_sha
   const V2Inputs in = prepare_v2(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                  points_per_level, method);
   const Problem& p = in.layout.p;
-  if (p.L == 0) return at::zeros({p.N, p.Lq, p.M * p.D}, value.options());  // a sum over no points
-  at::Tensor out = at::empty({p.N, p.Lq, p.M * p.D}, value.options());
+  if (p.L == 0) return cached_zeros({p.N, p.Lq, p.M * p.D}, value.options());  // a sum over no points
+  at::Tensor out = cached_empty({p.N, p.Lq, p.M * p.D}, value.options());
   if (out.numel() == 0) return out;
   if (in.method == V2Method::kDefault) {
     ms_deform_attn_forward_kernel.get()(in.layout, in.value, in.loc, in.attn, out);
@@ -95,13 +96,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_v2_cpu(
   const bool discrete = in.method == V2Method::kDiscrete;
   // v1's backward kernel writes or zeroes all of grad_value (kernels.h); the
   // discrete one accumulates into zeros.
-  at::Tensor grad_value = any_points && !discrete ? at::empty(value.sizes(), value.options().dtype(in.acc))
-                                                  : at::zeros(value.sizes(), value.options().dtype(in.acc));
+  at::Tensor grad_value = any_points && !discrete ? cached_empty(value.sizes(), value.options().dtype(in.acc))
+                                                  : cached_zeros(value.sizes(), value.options().dtype(in.acc));
   // Discrete locations get a zero gradient; the default kernel writes it whole.
-  at::Tensor grad_loc = discrete || !any_points ? at::zeros(sampling_locations.sizes(), value.options().dtype(in.acc))
-                                                : at::empty(sampling_locations.sizes(), value.options().dtype(in.acc));
-  at::Tensor grad_attn = any_points ? at::empty(attention_weights.sizes(), in.attn.options())
-                                    : at::zeros(attention_weights.sizes(), in.attn.options());
+  const at::TensorOptions loc_options = value.options().dtype(in.acc);
+  at::Tensor grad_loc = discrete || !any_points ? cached_zeros(sampling_locations.sizes(), loc_options)
+                                                : cached_empty(sampling_locations.sizes(), loc_options);
+  at::Tensor grad_attn = any_points ? cached_empty(attention_weights.sizes(), in.attn.options())
+                                    : cached_zeros(attention_weights.sizes(), in.attn.options());
   if (any_points && !discrete) {
     ms_deform_attn_backward_kernel.get()(in.layout, in.value, in.loc, in.attn, go, grad_value, grad_loc, grad_attn);
   } else if (any_points) {

@@ -33,6 +33,12 @@ for _name in ("msda_cpu_capability", "msda_cpu_capabilities_compiled", "msda_cpu
 for _name in ("msda_measure_clock_hz", "msda_measure_clock_hz_multiply"):
     getattr(_lib, _name).restype = ctypes.c_double
     getattr(_lib, _name).argtypes = []
+_lib.msda_cpu_cache_release.restype = ctypes.c_int64
+_lib.msda_cpu_cache_release.argtypes = []
+_lib.msda_cpu_cache_set_limit.restype = ctypes.c_int64
+_lib.msda_cpu_cache_set_limit.argtypes = [ctypes.c_int64]
+_lib.msda_cpu_cache_stats.restype = None
+_lib.msda_cpu_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
 
 
 def _names(raw: bytes) -> list[str]:
@@ -68,6 +74,23 @@ def measure_clock_hz_multiply() -> float:
     """The core clock in Hz from a chain of dependent 64-bit multiplies (3 cycles each; 0 where that latency
     is not known, that is off x86-64): an independent check of :func:`measure_clock_hz`."""
     return float(_lib.msda_measure_clock_hz_multiply())
+
+
+def cpu_cache_stats() -> list[int]:
+    """The CPU output cache: [idle bytes, idle blocks, limit in bytes, reuses, fresh blocks]."""
+    out = (ctypes.c_int64 * 5)()
+    _lib.msda_cpu_cache_stats(out)
+    return list(out)
+
+
+def cpu_cache_release() -> int:
+    """Free the CPU output cache's idle blocks; returns their bytes."""
+    return int(_lib.msda_cpu_cache_release())
+
+
+def cpu_cache_set_limit(limit_bytes: int) -> int:
+    """Set the CPU output cache's idle limit in bytes (0: no caching); returns the previous limit."""
+    return int(_lib.msda_cpu_cache_set_limit(int(limit_bytes)))
 
 
 # Decide the CPU path now, at import, as msda always has (the library itself
