@@ -105,4 +105,5 @@ def test_info_command_reports_the_build():
     assert result.returncode == 0, result.stderr
     assert f"msda {msda.__version__}" in result.stdout
     assert "extension: loaded; kernels for cpu" in result.stdout
+    assert "CPU output cache: up to " in result.stdout
     assert "compiler:" in result.stdout and "cpu capability:" in result.stdout

@@ -40,6 +40,9 @@ def info() -> str:
         ]
         if ext.cpu_capability_refusal():
             lines.append(f"  refused: {ext.cpu_capability_refusal()}")
+        limit_mib = ext.cpu_cache_stats()[2] / 2**20
+        lines.append(f"CPU output cache: up to {limit_mib:g} MiB idle "
+                     f"(MSDA_CPU_CACHE_MB={os.environ.get('MSDA_CPU_CACHE_MB', '') or 'unset'})")
     else:
         lines.append(f"extension: NOT loaded: {_extension.UNAVAILABLE_REASON} (ops use the reference)")
     lines.append(f"torch CUDA: {torch.version.cuda or 'none'}, GPU available: {torch.cuda.is_available()}")
