@@ -157,7 +157,8 @@ def test_concurrent_callers_get_their_own_blocks():
 
 @pytest.mark.parametrize(
     "setting, want_mib",
-    [("", 256), ("64", 64), ("0", 0), ("1.5", 1.5), ("lots", 0), ("-3", 0)],
+    # Unset, a fraction, and a value that is not a size (each needs a fresh process).
+    [("", 256), ("1.5", 1.5), ("lots", 0)],
 )
 def test_environment_sets_the_limit(setting, want_mib):
     code = "import msda.cpu_cache as c; print(c.stats().limit_bytes)"
