@@ -165,6 +165,8 @@ def test_environment_sets_the_limit(setting, want_mib):
     env = dict(os.environ, MSDA_CPU_CACHE_MB=setting)
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(got.stdout.strip()) == int(want_mib * MIB)
+    # A value that turned the cache off without meaning to is named in a warning.
+    assert ("MSDA_CPU_CACHE_MB='lots' is not a size" in got.stderr) == (setting == "lots")
 
 
 def test_a_forked_child_can_allocate():

@@ -104,6 +104,20 @@ BUILD_VARIABLE_WARNING = (
     "and has no effect at run time; to choose the CPU kernels of this run, set MSDA_CPU_CAPABILITY "
     "(one of: {allowed})."
 )
+# MSDA_CPU_CACHE_MB that is not a size in MiB turns the CPU output cache off
+# (safer than a cache of a size nobody meant); say so rather than in silence.
+_cache_setting = os.environ.get("MSDA_CPU_CACHE_MB", "")
+if _cache_setting.strip() and cpu_cache_stats()[2] == 0:
+    try:
+        _meant_zero = float(_cache_setting) == 0
+    except ValueError:
+        _meant_zero = False
+    if not _meant_zero:
+        warnings.warn(
+            f"MSDA_CPU_CACHE_MB={_cache_setting!r} is not a size in MiB (a number from 0 to 1e9); "
+            "msda's CPU output cache is off. Unset it for the default (256) or give a number.",
+            RuntimeWarning, stacklevel=2)
+
 if os.environ.get("MSDA_CPU_CAPABILITIES", "").strip():
     warnings.warn(BUILD_VARIABLE_WARNING.format(allowed=", ".join(cpu_capabilities_allowed())), RuntimeWarning,
                   stacklevel=2)

@@ -9,7 +9,7 @@ CPU ops allocated go back to this cache when their tensor is freed, and the
 next call of the same size reuses one, already in memory.
 
 Idle blocks are kept up to a limit, the oldest released first:
-``MSDA_CPU_CACHE_MB`` (read when the first CPU op runs; default 256, ``0``
+``MSDA_CPU_CACHE_MB`` (read once, when msda loads; default 256, ``0``
 turns the cache off) or :func:`set_limit`. Memory held this way shows in the
 process's resident size but not in torch's own allocator statistics.
 
