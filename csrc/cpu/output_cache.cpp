@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <pthread.h>
 
@@ -30,7 +29,7 @@
 namespace msda::cpu {
 namespace {
 
-constexpr size_t kMinBytes = size_t(1) << 20;  // smaller blocks: torch's allocator
+constexpr size_t kMinBytes = size_t(1) << 20;  // smaller blocks are not cached
 constexpr size_t kPage = 4096;
 constexpr int64_t kDefaultLimitMiB = 256;
 
@@ -202,39 +201,31 @@ BlockPool& pool() {
 
 void give_back(void* context) { pool().put(static_cast<Block*>(context)); }
 
-// Outputs: small ones from torch's CPU allocator, large ones from the pool;
-// both reported to torch's memory profiler.
-class OutputAllocator final : public c10::Allocator {
+// Blocks from the pool, as a c10::Allocator. Only working arrays come here
+// below kMinBytes (cached_empty gives small outputs to at::empty): plain
+// memory, as the std::vectors they replaced. Outputs are reported to torch's
+// memory profiler; working arrays, like those vectors, are not.
+class PoolAllocator final : public c10::Allocator {
  public:
-  c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes) return c10::GetCPUAllocator()->allocate(n);
-    Block* block = pool().take(n, /*reported=*/true);
-    return {block->ptr, block, &give_back, c10::Device(c10::DeviceType::CPU)};
-  }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-// A kernel's working arrays: plain memory when small, the pool when large;
-// like the std::vectors they replaced, not reported to the profiler.
-class WorkingAllocator final : public c10::Allocator {
- public:
+  explicit PoolAllocator(bool outputs) : outputs_(outputs) {}
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes) {
       void* ptr = c10::alloc_cpu(n);
       return {ptr, ptr, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
     }
-    Block* block = pool().take(n, /*reported=*/false);
+    Block* block = pool().take(n, /*reported=*/outputs_);
     return {block->ptr, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+
+ private:
+  const bool outputs_;
 };
 
-OutputAllocator output_allocator;
-WorkingAllocator working_allocator;
+PoolAllocator output_allocator(/*outputs=*/true);
+PoolAllocator working_allocator(/*outputs=*/false);
 
 at::Tensor empty_from(c10::Allocator* allocator, at::IntArrayRef sizes, c10::ScalarType dtype) {
   return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
@@ -257,10 +248,10 @@ at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   TORCH_INTERNAL_ASSERT(options.device().is_cpu(), "cached_empty: a CPU tensor, got ", options.device());
   // Small outputs: at::empty itself, as before the cache (the same allocator,
   // and the same aten::empty event in torch's profiler).
-  int64_t bytes = static_cast<int64_t>(options.dtype().itemsize());
-  bool overflow = false;  // empty_generic then reports the size error
-  for (const int64_t size : sizes) overflow |= __builtin_mul_overflow(bytes, size, &bytes);
-  if (!overflow && bytes < static_cast<int64_t>(kMinBytes)) return at::empty(sizes, options);
+  // (The size is ATen's own computation, which reports an overflow.)
+  if (at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize()) < kMinBytes) {
+    return at::empty(sizes, options);
+  }
   return empty_from(&output_allocator, sizes, c10::typeMetaToScalarType(options.dtype()));
 }
 

@@ -11,10 +11,10 @@
 // allocator for this; the CPU has none.
 //
 // Blocks of at least 1 MiB are cached; smaller ones are allocated as before
-// (outputs by at::empty). An idle block is reused for a request of its size or up to 1/8
-// smaller. Idle blocks are kept up to a limit (MSDA_CPU_CACHE_MB, default
-// 256; 0 turns the cache off), the oldest released first. Python:
-// msda.cpu_cache (stats, release, set_limit).
+// (outputs by at::empty). An idle block is reused for a request of its size
+// or up to 1/8 smaller. Idle blocks are kept up to a limit
+// (MSDA_CPU_CACHE_MB, default 256; 0 turns the cache off), the oldest
+// released first. Python: msda.cpu_cache (stats, release, set_limit).
 #pragma once
 
 #include <ATen/core/Tensor.h>
