@@ -20,13 +20,11 @@ averages at start and end, method).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -36,7 +34,7 @@ import torch  # noqa: E402
 import msda  # noqa: E402
 from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs  # noqa: E402
 from dispatch_vs_native import machine  # noqa: E402
-from other_work import OtherWork  # noqa: E402
+from other_work import RunRecord  # noqa: E402
 from timing import forward_and_backward, time_calls  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=os.path.join(HERE, "results", "dtype_bench.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    other_work = OtherWork()
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    t0 = time.perf_counter()
+    record = RunRecord("dtype_bench.py", argv)
     timings = time_side_by_side(args.cases, args.rounds, args.calls, args.quick)
     print(f"{'case':12} {'dtype':9} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd x f32':>10} {'f+b x f32':>10}")
     for case, row in timings.items():
@@ -144,13 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['returned_bytes'] / 2**20:9.1f} {m['working_bytes'] / 2**20:9.1f} "
                   f"{'' if frac is None else f'{frac:.3f}':>10}")
     report = {
-        "started_utc": started,
-        "elapsed_s": time.perf_counter() - t0,
-        "command": "python benchmarks/dtype_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **record.fields(),
         "machine": machine(),
-        "load_average_at_start": load_start,
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "other_work_cores": other_work.cores(),
         "threads": args.threads,
         "quick": args.quick,
         "msda_cpu_capability": msda._extension.EXTENSION.cpu_capability(),

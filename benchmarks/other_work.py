@@ -64,3 +64,32 @@ class OtherWork:
             return None
         other = (busy - self._busy) - (_own_seconds() - self._own)
         return round(max(other, 0.0) / wall, 3)
+
+
+class RunRecord:
+    """The fields every results file opens with: when the run started, how long it took, the command,
+    the load average at start and end, and the other work during the run (OtherWork).
+
+        record = RunRecord("dtype_bench.py", argv)   # at the start
+        report = {**record.fields(), ...}             # at the end
+    """
+
+    def __init__(self, script: str, argv: list[str] | None) -> None:
+        import datetime
+        import sys
+
+        self.command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+        self.load_at_start = [round(x, 2) for x in os.getloadavg()]
+        self.started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self._other_work = OtherWork()
+        self._t0 = time.perf_counter()
+
+    def fields(self) -> dict:
+        return {
+            "started_utc": self.started_utc,
+            "elapsed_s": time.perf_counter() - self._t0,
+            "command": self.command,
+            "load_average_at_start": self.load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "other_work_cores": self._other_work.cores(),
+        }

@@ -20,7 +20,7 @@ BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
 RUN_ALL = os.path.join(BENCHMARKS, "run_all.py")
 # The benchmark scripts a user runs (each has a command line).
 SCRIPTS = ("run_all.py", "worker.py", "v2_bench.py", "hf_detr.py", "detr_inference.py", "onnx_detr.py",
-           "omp_wait_policy.py", "quick_check.py", "dispatch_vs_native.py", "limit_model.py")
+           "omp_wait_policy.py", "quick_check.py", "dispatch_vs_native.py", "limit_model.py", "row_cost.py")
 
 
 def _env(*first: str) -> dict:
@@ -135,3 +135,23 @@ def test_limit_model_quick_run(tmp_path):
     assert len(report["load_average_at_end"]) == 3 and report["clock_hz"] > 0
     text = open(out + ".md").read()
     assert "not measurements" in text and "| msda, 1 thread |" in text
+
+
+def test_row_cost_quick_run(tmp_path):
+    # Plumbing only: every configuration timed, the derived figures and the summary in both outputs.
+    out = str(tmp_path / "row_cost")
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "row_cost.py"), "--quick", "--rounds", "1",
+                           "--calls", "1", "--out", out], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(open(out + ".json").read())
+    assert report["quick"] is True and len(report["load_average_at_end"]) == 3
+    keys = set(report["timings"])
+    for D in (16, 32, 64):
+        assert {f"D{D} float32", f"D{D} bfloat16", f"D{D} float16"} <= keys
+    assert {"D32 float32, rows in L1", "D32 bfloat16, rows in L1", "D32 float16, rows in L1"} <= keys
+    for t in report["timings"].values():
+        assert t["ns_per_sample"] > 0 and t["row_bytes"] == t["D"] * (4 if t["dtype"] == "float32" else 2)
+    derived = report["derived"]
+    assert set(derived["bound_if_fetching_halved_d32"]) == {"bfloat16", "float16"}
+    text = open(out + ".md").read()
+    assert "Reading it (D 32)" in text and all(line in text for line in report["summary"])

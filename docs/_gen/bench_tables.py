@@ -37,6 +37,7 @@ COMMANDS = {
     "onnx_detr.json": "python benchmarks/onnx_detr.py",
     "dispatch_vs_native.json": "python benchmarks/dispatch_vs_native.py",
     "omp_wait_policy.json": "python benchmarks/omp_wait_policy.py",
+    "row_cost.json": "python benchmarks/row_cost.py",
 }
 
 
@@ -183,6 +184,14 @@ def omp_table(data: dict[str, Any]) -> str:
     return _table(["OMP_WAIT_POLICY", "one demo training step (median)"], rows)
 
 
+def row_cost_table(data: dict[str, Any]) -> str:
+    rows = [[str(t["D"]), t["dtype"], "in L1 (all points near one spot)" if t["rows_in_l1"] else "encoder",
+             str(t["row_bytes"]), _ms(t["median_s"]), f"{t['ns_per_sample']:.2f}"] for t in data["timings"].values()]
+    table = _table(["D", "dtype", "rows", "bytes per row", "ms per forward", "ns per sample"], rows)
+    threads = f"{data['threads']} thread{'s' if data['threads'] != 1 else ''}"
+    return f"{table}\n\nAt D 32 ({threads}):\n\n" + "\n".join(data["summary"])
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "op": ("benchmark.json", op_table),
     "v2": ("v2_bench.json", v2_table),
@@ -193,6 +202,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "onnx_detr": ("onnx_detr.json", onnx_table),
     "dispatch": ("dispatch_vs_native.json", dispatch_table),
     "omp": ("omp_wait_policy.json", omp_table),
+    "row_cost": ("row_cost.json", row_cost_table),
 }
 
 
