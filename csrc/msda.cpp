@@ -8,6 +8,7 @@
 // it (dlopen, or torch.ops.load_library) runs the static registrations, so a
 // C++ program that runs an AOTInductor package and the Python package
 // (src/msda/_C.py, through ctypes) load the very same file.
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
@@ -65,6 +66,20 @@ __attribute__((visibility("default"))) int64_t msda_cpu_cache_set_limit(int64_t 
 __attribute__((visibility("default"))) void msda_cpu_cache_stats(int64_t* out) { msda::cpu::cache_stats(out); }
 }
 
+namespace {
+// msda.cpu_cache.empty: an uninitialised contiguous CPU tensor whose memory
+// comes from the output cache, for Python callers that build a large
+// temporary on every call (the transformers integration's query, the hidden
+// states plus their position embeddings) and would otherwise fault fresh
+// pages in each time.
+at::Tensor cpu_cache_empty(at::IntArrayRef size, at::ScalarType dtype) {
+  for (size_t i = 0; i < size.size(); ++i) {
+    TORCH_CHECK(size[i] >= 0, "cpu_cache_empty: size[", i, "] must be >= 0, got ", size[i], " (size ", size, ")");
+  }
+  return msda::cpu::cached_empty(size, at::TensorOptions().dtype(dtype));
+}
+}  // namespace
+
 TORCH_LIBRARY(msda, m) {
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
@@ -72,4 +87,6 @@ TORCH_LIBRARY(msda, m) {
   m.def(
       "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) -> (Tensor, Tensor, Tensor)");
+  // Not an attention op: the CPU output cache's allocation, for msda.cpu_cache.empty (eager Python only).
+  m.def("cpu_cache_empty(int[] size, ScalarType dtype) -> Tensor", &cpu_cache_empty);
 }

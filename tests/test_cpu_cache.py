@@ -200,3 +200,25 @@ def test_torch_profiler_still_sees_large_outputs():
         out = _forward(case)
     allocated = sum(e.cpu_memory_usage for e in prof.events() if e.name == "msda::ms_deform_attn_forward")
     assert allocated >= out.numel() * out.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_empty_takes_large_blocks_from_the_cache(dtype):
+    size = (1024, 300)  # 1.2 MiB at 4 bytes, 600 KiB at 2: cached or not by bytes
+    t = cpu_cache.empty(size, dtype)
+    assert t.shape == size and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+    cached = t.numel() * t.element_size() >= MIB
+    address, before = t.data_ptr(), cpu_cache.stats()
+    del t
+    assert cpu_cache.stats().idle_blocks == before.idle_blocks + cached
+    again = cpu_cache.empty(list(size), dtype)
+    assert (again.data_ptr() == address) == cached or not cached
+    assert cpu_cache.stats().reuses == before.reuses + cached
+    # Every element is writable: a sum written into it equals the plain sum.
+    a, b = torch.arange(again.numel()).view(size).to(dtype), torch.ones(size, dtype=dtype)
+    assert torch.equal(torch.add(a, b, out=again), a + b)
+
+
+def test_empty_refuses_a_negative_size():
+    with pytest.raises(RuntimeError, match=r"size\[1\] must be >= 0, got -2"):
+        cpu_cache.empty((4, -2))

@@ -22,6 +22,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+import msda  # noqa: E402
 import msda.integrations.transformers as msda_hf  # noqa: E402
 from msda.integrations import _hf_forwards, _shared  # noqa: E402
 
@@ -621,3 +622,32 @@ def test_projection_outputs_reused_only_when_nobody_holds_them(monkeypatch):
         assert reused and not any(reused)  # every projection is hooked now
         for out, copy_at_return in kept:
             assert torch.equal(out, copy_at_return)
+
+
+@pytest.mark.skipif(not msda._extension.AVAILABLE, reason="the cache belongs to the compiled extension")
+def test_position_add_is_bitwise_equal_and_cached_only_without_autograd():
+    # Both integrations add the position embeddings with add_position: in
+    # eager CPU code that autograd does not record, into a block of msda's
+    # CPU cache (tens of MB at the encoder's shapes); the same bits always.
+    import msda.cpu_cache as cpu_cache
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 1100, 256, generator=g)  # 2.1 MiB per image pair: cached
+    for pos in (torch.randn(2, 1100, 256, generator=g), torch.randn(1100, 256, generator=g).to(torch.bfloat16)):
+        want = hidden + pos
+        with torch.no_grad():
+            before = cpu_cache.stats()
+            got = _shared.add_position(hidden, pos)
+            address = got.data_ptr()
+            assert got.dtype == want.dtype and torch.equal(got, want)
+            del got
+            again = _shared.add_position(hidden, pos)
+            assert torch.equal(again, want) and again.data_ptr() == address
+            assert cpu_cache.stats().reuses > before.reuses
+    leaf = hidden.clone().requires_grad_()
+    before = cpu_cache.stats()
+    got = _shared.add_position(leaf, pos)
+    assert got.grad_fn is not None and torch.equal(got.detach(), hidden + pos)
+    assert cpu_cache.stats() == before  # recorded by autograd: a plain tensor
+    got.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))

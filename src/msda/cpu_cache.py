@@ -17,15 +17,18 @@ process's resident size but not in torch's own allocator statistics.
     msda.cpu_cache.stats()     # CacheStats(idle_bytes=..., ...)
     msda.cpu_cache.release()   # free the idle blocks now
     msda.cpu_cache.set_limit(0)  # stop caching
+    t = msda.cpu_cache.empty((22223, 256))  # a tensor whose block comes from the cache
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
+
+import torch
 
 from ._extension import AVAILABLE, EXTENSION, UNAVAILABLE_REASON
 
-__all__ = ["CacheStats", "stats", "release", "set_limit"]
+__all__ = ["CacheStats", "stats", "release", "set_limit", "empty"]
 
 
 class CacheStats(NamedTuple):
@@ -58,3 +61,13 @@ def set_limit(megabytes: float) -> float:
     if not megabytes >= 0:  # also refuses NaN
         raise ValueError(f"set_limit: megabytes must be a number >= 0, got {megabytes!r}")
     return _extension().cpu_cache_set_limit(int(megabytes * 1048576)) / 1048576
+
+
+def empty(size: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor, like ``torch.empty(size, dtype=dtype)``,
+    whose memory (from 1 MiB) comes from the cache and goes back to it when the
+    tensor is freed: for a large temporary built on every call, written with
+    an ``out=`` argument, e.g. ``torch.add(a, b, out=msda.cpu_cache.empty(a.shape))``.
+    Eager mode only (torch.compile and export do not trace it)."""
+    _extension()
+    return torch.ops.msda.cpu_cache_empty([int(s) for s in size], dtype)

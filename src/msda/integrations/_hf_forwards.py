@@ -16,6 +16,7 @@ from torch import nn
 from ..ops import ms_deform_attn
 from ..ops_v2 import ms_deform_attn_v2
 from ._shared import (
+    add_position,
     any_true,
     attention_from_shapes,
     match_dtype,
@@ -119,7 +120,8 @@ def make_function_v2(
 def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The forward of transformers' ``<Family>MultiscaleDeformableAttention``
     (the module that owns the projections and calls the layer as ``self.attn``)
-    with :func:`sampling_locations` in place of its broadcast arithmetic;
+    with :func:`sampling_locations` in place of its broadcast arithmetic and
+    :func:`add_position` for its position add;
     every other step is the family's own, in its order. ``compilable_check`` is
     the family module's ``torch_compilable_check``."""
 
@@ -137,7 +139,7 @@ def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if position_embeddings is not None:
-            hidden_states = hidden_states + position_embeddings
+            hidden_states = add_position(hidden_states, position_embeddings)
         batch_size, num_queries, _ = hidden_states.shape
         batch_size, sequence_length, _ = encoder_hidden_states.shape
         total_elements = sum(height * width for height, width in spatial_shapes_list)

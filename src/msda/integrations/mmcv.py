@@ -24,7 +24,14 @@ from torch import nn
 
 from ..function import MSDeformAttnFunction
 from ..ops import ms_deform_attn
-from ._shared import any_true, attention_from_shapes, reusable_output, sampling_locations, softmax_last
+from ._shared import (
+    add_position,
+    any_true,
+    attention_from_shapes,
+    reusable_output,
+    sampling_locations,
+    softmax_last,
+)
 
 __all__ = [
     "MultiScaleDeformableAttention",
@@ -148,7 +155,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if identity is None:
             identity = query
         if query_pos is not None:
-            query = query + query_pos
+            query = add_position(query, query_pos)
         if not self.batch_first:
             query = query.permute(1, 0, 2)
             value = value.permute(1, 0, 2)
