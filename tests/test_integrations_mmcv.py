@@ -134,6 +134,24 @@ def test_module_matches_mmcv(mmcv_msda, batch_first, coords, ratio, used):
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("batch_first, coords, ratio, used", [c for c in CASES if "key_padding_mask" in c[3]])
+def test_module_matches_mmcv_in_inference(mmcv_msda, batch_first, coords, ratio, used):
+    # Without autograd msda's module zeroes the padded value rows in place on
+    # the projection's output and adds query_pos into a cached block: the
+    # inputs stay as given and the output is mmcv's.
+    theirs, ours = _pair(mmcv_msda, embed_dims=32, num_heads=4, num_points=3, dropout=0.0,
+                         batch_first=batch_first, value_proj_ratio=ratio)
+    base = _inputs(batch_first, coords)
+    inputs = {k: v for k, v in base.items() if k in {"query", "value", "reference_points", "spatial_shapes",
+                                                      "level_start_index", *used}}
+    copies = {k: v.clone() for k, v in inputs.items()}
+    with torch.no_grad():
+        want, got = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for k, v in inputs.items():
+        assert torch.equal(v, copies[k]), k
+
+
 def test_dropout_and_residual_keyword_match_mmcv(mmcv_msda):
     theirs, ours = _pair(mmcv_msda, embed_dims=32, num_heads=4, dropout=0.5)
     inputs = _inputs(False, 2)

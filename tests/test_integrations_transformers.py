@@ -279,23 +279,29 @@ def test_sampling_locations_match_broadcast_form(coords, dtype, grad):
 
 
 def test_masked_fill_skipped_only_without_padding(monkeypatch):
-    # The value is masked with a full copy; the wrapper skips it where no
-    # pixel is padded (asked on the CPU in eager mode only), and must still
-    # zero padded pixels when there are some.
+    # The value is masked (in place on the projection's output in inference,
+    # a copy of it otherwise); the wrapper skips it where no pixel is padded
+    # (asked on the CPU in eager mode only), and must still zero padded pixels
+    # when there are some, in inference and in training.
     fills = []
-    real = torch.Tensor.masked_fill
-    monkeypatch.setattr(torch.Tensor, "masked_fill", lambda *a: fills.append(1) or real(*a))
+    for name in ("masked_fill", "masked_fill_"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _real=real, _name=name: fills.append(_name) or _real(*a))
     torch.manual_seed(0)
     model, inputs, names = _deformable_detr()
+    _jitter_offsets(model, torch.Generator().manual_seed(2))  # off the grid, where the gradients agree
     unpadded = dict(inputs, pixel_mask=torch.ones_like(inputs["pixel_mask"]))
     for batch in (inputs, unpadded):
-        want = _run(model, batch, names)
-        del fills[:]
-        with msda_hf.enable():
-            got = _run(model, batch, names)
-        assert (len(fills) > 0) == (batch is inputs)  # 1 encoder and 2 decoder layers fill, or none
-        for n in names:
-            torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=0)
+        for train in (False, True):
+            want = _run(model, batch, names, train=train)
+            del fills[:]
+            with msda_hf.enable():
+                got = _run(model, batch, names, train=train)
+            # 1 encoder and 2 decoder layers fill, or none; in place only where autograd records nothing
+            assert len(fills) == (3 if batch is inputs else 0)
+            assert set(fills) <= {"masked_fill" if train else "masked_fill_"}
+            for n in got:
+                torch.testing.assert_close(got[n], want[n], atol=ATOL, rtol=0)
     assert _shared.any_true(torch.zeros(3, dtype=torch.bool)) is False
     assert _shared.any_true(torch.tensor([False, True])) is True
     assert _shared.any_true(torch.zeros(3, dtype=torch.bool, device="meta")) is True  # not asked off the CPU
@@ -603,7 +609,7 @@ def test_projection_outputs_reused_only_when_nobody_holds_them(monkeypatch):
     want = _run(model, inputs, names)
     reused = []
     real = _shared.reusable_output
-    monkeypatch.setattr(_hf_forwards, "reusable_output", lambda m, t: reused.append(real(m, t)) or reused[-1])
+    monkeypatch.setattr(_hf_forwards, "reusable_output", lambda m, t, i: reused.append(real(m, t, i)) or reused[-1])
     with msda_hf.enable():
         got = _run(model, inputs, names)
         assert reused and all(reused)  # no hook: every projection output was reused
@@ -651,3 +657,27 @@ def test_position_add_is_bitwise_equal_and_cached_only_without_autograd():
     assert cpu_cache.stats() == before  # recorded by autograd: a plain tensor
     got.sum().backward()
     assert torch.equal(leaf.grad, torch.ones_like(leaf))
+
+
+def test_value_zeroed_in_place_only_when_nobody_holds_it():
+    # zero_padded writes into the value projection's output only where that
+    # output is nobody else's: not when a hook saw it, not when the
+    # projection returned its input (an Identity), not when autograd records.
+    padding = torch.tensor([[False, True, False, True]])
+    x = torch.arange(8.0).view(1, 4, 2)
+    for projection, hooked, grad in [(torch.nn.Linear(2, 2), False, False), (torch.nn.Linear(2, 2), True, False),
+                                     (torch.nn.Identity(), False, False), (torch.nn.Linear(2, 2), False, True)]:
+        kept = []
+        if hooked:
+            projection.register_forward_hook(lambda m, args, out: kept.append(out.clone()))
+        x_before = x.clone()
+        with torch.set_grad_enabled(grad):
+            out = projection(x)
+            at_return = out.detach().clone()
+            got = _shared.zero_padded(out, padding, projection, x)
+        want = at_return.masked_fill(padding[..., None], 0.0)
+        assert torch.equal(got.detach(), want)
+        assert torch.equal(x, x_before)  # the projection's input is never written
+        in_place = not (hooked or grad or isinstance(projection, torch.nn.Identity))
+        assert (got.data_ptr() == out.data_ptr()) == in_place
+        assert torch.equal(out.detach(), want if in_place else at_return)

@@ -24,6 +24,7 @@ from ._shared import (
     sampling_locations,
     shapes_and_starts,
     softmax_last,
+    zero_padded,
 )
 
 __all__ = [
@@ -154,13 +155,13 @@ def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple
             # MSDeformAttn takes the opposite, a padding mask): invert it.
             padding = ~attention_mask
             if any_true(padding):  # no padded pixel: the fill would copy value unchanged
-                value = value.masked_fill(padding[..., None], float(0))
+                value = zero_padded(value, padding, self.value_proj, encoder_hidden_states)
         value = value.view(batch_size, sequence_length, M, self.d_model // M)
         offsets = self.sampling_offsets(hidden_states)
-        reuse_offsets = reusable_output(self.sampling_offsets, offsets)
+        reuse_offsets = reusable_output(self.sampling_offsets, offsets, hidden_states)
         offsets = offsets.view(batch_size, num_queries, M, L, P, 2)
         logits = self.attention_weights(hidden_states)
-        reuse_logits = reusable_output(self.attention_weights, logits)
+        reuse_logits = reusable_output(self.attention_weights, logits, hidden_states)
         weights = softmax_last(logits.view(batch_size, num_queries, M, L * P), reuse_logits)
         weights = weights.view(batch_size, num_queries, M, L, P)
         locations = sampling_locations(reference_points, offsets, spatial_shapes, P, overwrite_offsets=reuse_offsets)
