@@ -136,8 +136,8 @@ def test_module_matches_mmcv(mmcv_msda, batch_first, coords, ratio, used):
 
 @pytest.mark.parametrize("batch_first, coords, ratio, used", [c for c in CASES if "key_padding_mask" in c[3]])
 def test_module_matches_mmcv_in_inference(mmcv_msda, batch_first, coords, ratio, used):
-    # Without autograd msda's module zeroes the padded value rows in place on
-    # the projection's output and adds query_pos into a cached block: the
+    # Without autograd msda's module writes the softmax and the locations into
+    # the projections' outputs and adds query_pos into a cached block: the
     # inputs stay as given and the output is mmcv's.
     theirs, ours = _pair(mmcv_msda, embed_dims=32, num_heads=4, num_points=3, dropout=0.0,
                          batch_first=batch_first, value_proj_ratio=ratio)

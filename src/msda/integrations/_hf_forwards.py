@@ -24,7 +24,6 @@ from ._shared import (
     sampling_locations,
     shapes_and_starts,
     softmax_last,
-    zero_padded,
 )
 
 __all__ = [
@@ -155,7 +154,7 @@ def wrapper_forward(compilable_check: Callable[..., Any]) -> Callable[..., tuple
             # MSDeformAttn takes the opposite, a padding mask): invert it.
             padding = ~attention_mask
             if any_true(padding):  # no padded pixel: the fill would copy value unchanged
-                value = zero_padded(value, padding, self.value_proj, encoder_hidden_states)
+                value = value.masked_fill(padding[..., None], float(0))
         value = value.view(batch_size, sequence_length, M, self.d_model // M)
         offsets = self.sampling_offsets(hidden_states)
         reuse_offsets = reusable_output(self.sampling_offsets, offsets, hidden_states)

@@ -21,7 +21,6 @@ __all__ = [
     "reusable_output",
     "softmax_last",
     "add_position",
-    "zero_padded",
 ]
 
 
@@ -98,10 +97,10 @@ def reusable_output(module: torch.nn.Module, output: torch.Tensor, module_input:
     hook on the module or global one saw it, and it shares no memory with the
     input, as a module that returns its input would), autograd needs it for
     nothing, and it is a plain tensor in eager mode. The attention modules'
-    next steps (softmax, sampling locations, zeroing padded pixels) then write
-    into it instead of allocating a tensor of the same size: fewer passes over
-    memory and, for the encoder's tensors of tens of MB, no fresh pages to
-    fault in on every call."""
+    next steps (softmax, sampling locations) then write into it instead of
+    allocating a tensor of the same size: fewer passes over memory and, for
+    the encoder's tensors of tens of MB, no fresh pages to fault in on every
+    call."""
     return (
         _eager_plain(output)
         and not (torch.is_grad_enabled() and output.requires_grad)
@@ -130,18 +129,6 @@ def add_position(hidden_states: torch.Tensor, position_embeddings: torch.Tensor)
         out = cpu_cache.empty(size, torch.result_type(hidden_states, position_embeddings))
         return torch.add(hidden_states, position_embeddings, out=out)
     return hidden_states + position_embeddings
-
-
-def zero_padded(
-    value: torch.Tensor, padding: torch.Tensor, projection: torch.nn.Module, projection_input: torch.Tensor
-) -> torch.Tensor:
-    """``value.masked_fill(padding[..., None], 0.0)`` for ``value``, the output
-    that ``projection`` just returned for ``projection_input``: written into ``value`` itself where
-    nobody else can hold it (:func:`reusable_output`), instead of into a copy
-    of its size (tens of MB per layer at the encoder's shapes). The same bits."""
-    if reusable_output(projection, value, projection_input):
-        return value.masked_fill_(padding[..., None], 0.0)
-    return value.masked_fill(padding[..., None], 0.0)
 
 
 def softmax_last(logits: torch.Tensor, in_place: bool) -> torch.Tensor:

@@ -31,7 +31,6 @@ from ._shared import (
     reusable_output,
     sampling_locations,
     softmax_last,
-    zero_padded,
 )
 
 __all__ = [
@@ -164,16 +163,16 @@ class MultiScaleDeformableAttention(nn.Module):
         _, num_value, _ = value.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
 
-        projected = self.value_proj(value)
+        value = self.value_proj(value)
         if key_padding_mask is not None and any_true(key_padding_mask):  # none padded: the fill copies value
-            projected = zero_padded(projected, key_padding_mask, self.value_proj, value)
-        value = projected
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(bs, num_value, M, -1)
         offsets = self.sampling_offsets(query)
         reuse_offsets = reusable_output(self.sampling_offsets, offsets, query)
         offsets = offsets.view(bs, num_query, M, L, P, 2)
         logits = self.attention_weights(query)
-        weights = softmax_last(logits.view(bs, num_query, M, L * P), reusable_output(self.attention_weights, logits, query))
+        reuse_logits = reusable_output(self.attention_weights, logits, query)
+        weights = softmax_last(logits.view(bs, num_query, M, L * P), reuse_logits)
         weights = weights.view(bs, num_query, M, L, P)
         if reference_points is None or reference_points.shape[-1] not in (2, 4):
             got = None if reference_points is None else reference_points.shape[-1]
