@@ -18,7 +18,9 @@ with this figure at 0 (so benchmarks compare implementations in one run).
 
 from __future__ import annotations
 
+import datetime
 import os
+import sys
 import time
 
 
@@ -75,9 +77,6 @@ class RunRecord:
     """
 
     def __init__(self, script: str, argv: list[str] | None) -> None:
-        import datetime
-        import sys
-
         self.command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
         self.load_at_start = [round(x, 2) for x in os.getloadavg()]
         self.started_utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

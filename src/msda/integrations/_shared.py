@@ -1,6 +1,6 @@
 """What both integrations share: the cheap, bitwise-equal sampling-location
-arithmetic (and position add), and msda's op called the way the grid_sample functions of
-transformers and mmcv are (shapes only, no level start rows)."""
+arithmetic and position add, and msda's op called the way the grid_sample
+functions of transformers and mmcv are (shapes only, no level start rows)."""
 
 from __future__ import annotations
 
