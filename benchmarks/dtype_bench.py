@@ -2,7 +2,9 @@
 
 Timing: one process, the dtypes side by side. Round after round, each dtype
 runs forward (under ``torch.no_grad``) and forward+backward, the median of
-``--calls`` calls each; the figure per dtype is the median over rounds, so
+``--calls`` calls each (more for short calls: at least 50 ms of them, so that
+a sub-millisecond decoder forward is not judged on a few milliseconds of a
+shared machine); the figure per dtype is the median over rounds, so
 load from other work on the machine falls on every dtype alike. The
 speedup of a dtype is float32's time over its time.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,21 +57,30 @@ def closures(case_name: str, dtype: torch.dtype, quick: bool = False):
     return forward, forward_and_backward(lambda: msda.ms_deform_attn(*args), x["grad_output"], leaves)
 
 
+MIN_ROUND_S = 0.05  # seconds of calls per round and measurement, at least
+MAX_CALLS = 200
+
+
 def time_side_by_side(cases: list[str], rounds: int, calls: int, quick: bool = False) -> dict:
     results: dict = {}
     for case in cases:
         fns = {name: closures(case, dtype, quick) for name, dtype in DTYPES.items()}
         samples = {name: {"forward": [], "forward_backward": []} for name in DTYPES}
+        # Calls per round: at least `calls`, and enough for MIN_ROUND_S of calls, so that a sub-millisecond
+        # call (the decoder forward) is not judged on a few milliseconds of a shared machine.
+        count: dict = {name: {} for name in DTYPES}
         for name, (fwd, step) in fns.items():  # warm-up: page faults, thread pools
-            time_calls(fwd, CPU, 2, 1)
-            time_calls(step, CPU, 2, 1)
+            for kind, fn in (("forward", fwd), ("forward_backward", step)):
+                once = time_calls(fn, CPU, 2, 1)["median_s"]
+                count[name][kind] = max(calls, min(MAX_CALLS, math.ceil(MIN_ROUND_S / max(once, 1e-9))))
         for _ in range(rounds):
             for name, (fwd, step) in fns.items():
-                samples[name]["forward"].append(time_calls(fwd, CPU, 1, calls)["median_s"])
-                samples[name]["forward_backward"].append(time_calls(step, CPU, 1, calls)["median_s"])
+                for kind, fn in (("forward", fwd), ("forward_backward", step)):
+                    samples[name][kind].append(time_calls(fn, CPU, 1, count[name][kind])["median_s"])
         row: dict = {}
         for name in DTYPES:
-            row[name] = {kind: {"median_s": statistics.median(s), "round_medians_s": s}
+            row[name] = {kind: {"median_s": statistics.median(s), "round_medians_s": s,
+                                "calls_per_round": count[name][kind]}
                          for kind, s in samples[name].items()}
         for name in DTYPES:
             if name != "float32":
@@ -145,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "msda_cpu_capability": msda._extension.EXTENSION.cpu_capability(),
         "timing_method": f"one process; {args.rounds} rounds, dtypes alternating within each; per round the median "
-                         f"of {args.calls} calls; the figure is the median over rounds; forward under no_grad",
+                         f"of {args.calls} calls, or more for short calls (at least {MIN_ROUND_S} s of calls, at most "
+                         f"{MAX_CALLS}: calls_per_round); the figure is the median over rounds; forward under no_grad",
         "memory_method": "fresh process per (implementation, dtype), first full-size forward+backward (worker.py); "
                          "working = peak - output and gradients returned",
         "timings": timings,

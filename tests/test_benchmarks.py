@@ -155,3 +155,30 @@ def test_row_cost_quick_run(tmp_path):
     assert set(derived["bound_if_fetching_halved_d32"]) == {"bfloat16", "float16"}
     text = open(out + ".md").read()
     assert "Reading it (D 32)" in text and all(line in text for line in report["summary"])
+
+
+def _row_cost_summary(float32_ns: float, bfloat16_ns: float) -> list[str]:
+    """row_cost.summary on made-up figures: float32 7 + 11 ns per sample, float16 at 1.2x."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import row_cost
+    finally:
+        sys.path.remove(BENCHMARKS)
+    timings = {}
+    for name, total, shared in (("float32", float32_ns, 7.0), ("bfloat16", bfloat16_ns, 8.0),
+                                ("float16", float32_ns / 1.2, 8.5)):
+        for D in (16, 32, 64):
+            scale = D / 32 if name == "float32" else 1.0
+            timings[f"D{D} {name}"] = {"ns_per_sample": total * (0.5 + 0.5 * scale),
+                                       "row_bytes": D * (4 if name == "float32" else 2)}
+        timings[f"D32 {name}, rows in L1"] = {"ns_per_sample": shared, "row_bytes": 32 * (4 if name == "float32" else 2)}
+    return row_cost.summary(row_cost.derive(timings))
+
+
+def test_row_cost_summary_says_which_dtypes_beat_the_halved_bytes_bound():
+    # bfloat16 at 18 / 9 = 2x beats the bound (18 / (8 + 5.5) = 1.33x); float16 at 1.2x does not.
+    beaten = _row_cost_summary(18.0, 9.0)[-1]
+    assert "Measured beats that for bfloat16: its rows" in beaten
+    # Neither beats it: the summary says that only a smaller shared part can help.
+    plain = _row_cost_summary(18.0, 16.0)[-1]
+    assert "Measured beats" not in plain and "only a smaller shared part helps" in plain
