@@ -158,12 +158,10 @@ def test_row_cost_quick_run(tmp_path):
 
 
 def _row_cost_summary(float32_ns: float, bfloat16_ns: float) -> list[str]:
-    """row_cost.summary on made-up figures: float32 7 + 11 ns per sample, float16 at 1.2x."""
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import row_cost
-    finally:
-        sys.path.remove(BENCHMARKS)
+    """row_cost.summary on made-up figures: float32 7 + 11 ns per sample, float16 at 1.2x.
+
+    In a child process: benchmarks/ has its own `cases` module, which the tests' `cases` shadows here.
+    """
     timings = {}
     for name, total, shared in (("float32", float32_ns, 7.0), ("bfloat16", bfloat16_ns, 8.0),
                                 ("float16", float32_ns / 1.2, 8.5)):
@@ -172,7 +170,12 @@ def _row_cost_summary(float32_ns: float, bfloat16_ns: float) -> list[str]:
             timings[f"D{D} {name}"] = {"ns_per_sample": total * (0.5 + 0.5 * scale),
                                        "row_bytes": D * (4 if name == "float32" else 2)}
         timings[f"D32 {name}, rows in L1"] = {"ns_per_sample": shared, "row_bytes": 32 * (4 if name == "float32" else 2)}
-    return row_cost.summary(row_cost.derive(timings))
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import row_cost; "
+            "print(json.dumps(row_cost.summary(row_cost.derive(json.loads(sys.argv[2])))))")
+    proc = subprocess.run([sys.executable, "-c", code, BENCHMARKS, json.dumps(timings)], capture_output=True,
+                          text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_row_cost_summary_says_which_dtypes_beat_the_halved_bytes_bound():
