@@ -63,15 +63,23 @@ struct BackwardItem {
 //   grad_k[c] += scaled[k] * go[c]         (the grad_value scatter)
 // grad_output stays in registers for all points. kVecs = 0 means any width
 // n, in vector steps and then one channel at a time.
-template <int kVecs, typename scalar_t, typename acc_t>
+// With PairLoad (bfloat16), value's channels come as (even, odd) vectors:
+// the dot products take grad_output split the same way (go_pairs), while the
+// scatter keeps grad_output in channel order. (Encoder backward in bfloat16
+// about 1.03-1.04x faster than widening each half, AMD EPYC, 1 and 2 threads.)
+template <int kVecs, typename scalar_t, typename acc_t,
+          bool kPairs = (PairLoad<scalar_t>::kEnabled && kVecs > 0 && kVecs % 2 == 0)>
 inline void scatter_and_dot(BackwardItem<scalar_t, acc_t>& it, const acc_t* go, int64_t n) {
   using Load = VecLoad<scalar_t>;
   using Vec = typename Load::Vec;
   const auto& g = it.geometry;
   constexpr int kHeld = kVecs > 0 ? kVecs : 1;
-  Vec go_held[kHeld];
+  Vec go_held[kHeld], go_pairs[kHeld];
   if constexpr (kVecs > 0) {
     for (int j = 0; j < kVecs; ++j) go_held[j] = Vec::loadu(go + j * Vec::size());
+  }
+  if constexpr (kPairs) {
+    for (int j = 0; j < kVecs; j += 2) PairLoad<scalar_t>::split(go + j * Vec::size(), go_pairs[j], go_pairs[j + 1]);
   }
   for (int64_t i = 0; i < g.count; ++i) {
     if (!g.sampled[i]) {
@@ -88,7 +96,16 @@ inline void scatter_and_dot(BackwardItem<scalar_t, acc_t>& it, const acc_t* go, 
       for (int j = 0; j < kVecs; ++j) {
         const int64_t c = j * Vec::size();
         for (int k = 0; k < 4; ++k) {
-          d[k] = at::vec::fmadd(go_held[j], Load::load(v[k] + c), d[k]);
+          if constexpr (kPairs) {
+            if (j % 2 == 0) {
+              Vec even, odd;
+              PairLoad<scalar_t>::load(v[k] + c, even, odd);
+              d[k] = at::vec::fmadd(go_pairs[j], even, d[k]);
+              d[k] = at::vec::fmadd(go_pairs[j + 1], odd, d[k]);
+            }
+          } else {
+            d[k] = at::vec::fmadd(go_held[j], Load::load(v[k] + c), d[k]);
+          }
           at::vec::fmadd(s[k], go_held[j], Vec::loadu(gr[k] + c)).store(gr[k] + c);
         }
       }

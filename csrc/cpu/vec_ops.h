@@ -53,7 +53,8 @@ struct VecLoad<double> {
 // one full-width load gives both with a shift and a mask: two cheap
 // instructions per 2 * Vec::size() channels, where VecLoad widens each half
 // with a shuffle (on the same port as the multiply-adds) and a shift. Sums
-// kept in this order are interleaved back once per output (interleave).
+// kept in this order are interleaved back once per output (interleave); a
+// float32 operand that meets such rows is split once (split).
 // Products and sums are the same as with VecLoad, so results are identical.
 template <typename scalar_t>
 struct PairLoad {
@@ -68,6 +69,14 @@ struct PairLoad<c10::BFloat16> {
     const __m512i x = _mm512_loadu_si512(p);
     even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  // The inverse of interleave: in[0, 2 * Vec::size()) split into its even and odd elements.
+  static inline void split(const float* in, Vec& even, Vec& odd) {
+    const __m512 a = _mm512_loadu_ps(in), b = _mm512_loadu_ps(in + 16);
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    even = _mm512_permutex2var_ps(a, evens, b);
+    odd = _mm512_permutex2var_ps(a, odds, b);
   }
   // out[0, 2 * Vec::size()) = even[0], odd[0], even[1], odd[1], ...
   static inline void interleave(const Vec& even, const Vec& odd, float* out) {
@@ -86,6 +95,13 @@ struct PairLoad<c10::BFloat16> {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static inline void split(const float* in, Vec& even, Vec& odd) {
+    const __m256 a = _mm256_loadu_ps(in), b = _mm256_loadu_ps(in + 8);
+    // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit pairs back in order.
+    const __m256 e = _mm256_shuffle_ps(a, b, 0x88), o = _mm256_shuffle_ps(a, b, 0xDD);
+    even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8));
+    odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8));
   }
   static inline void interleave(const Vec& even, const Vec& odd, float* out) {
     const __m256 low = _mm256_unpacklo_ps(even, odd);   // e0 o0 e1 o1 | e4 o4 e5 o5
