@@ -55,7 +55,9 @@ struct VecLoad<double> {
 // with a shuffle (on the same port as the multiply-adds) and a shift. Sums
 // kept in this order are interleaved back once per output (interleave); a
 // float32 operand that meets such rows is split once (split).
-// Products and sums are the same as with VecLoad, so results are identical.
+// In the forward the products and sums are the same as with VecLoad, so results
+// are identical; the backward's dot products over the channels (a sum across
+// lanes) add them in another order.
 template <typename scalar_t>
 struct PairLoad {
   static constexpr bool kEnabled = false;
