@@ -185,3 +185,33 @@ def test_row_cost_summary_says_which_dtypes_beat_the_halved_bytes_bound():
     # Neither beats it: the summary says that only a smaller shared part can help.
     plain = _row_cost_summary(18.0, 16.0)[-1]
     assert "Measured beats" not in plain and "only a smaller shared part helps" in plain
+
+
+def _limit_model_reading(msda: tuple, floor: tuple, goal: tuple) -> list[str]:
+    """limit_model.reading on made-up (forward, backward) cycles per sample, in a child process (as above)."""
+    def row(cycles, speedups=(40.0, 30.0)):
+        return {"cycles_per_sample": dict(zip(("forward", "backward"), cycles)),
+                "speedup_over_reference": {"forward": speedups[0], "forward+backward": speedups[1]}}
+    model = {"msda, 2 threads": row(msda), "msda, 1 thread": row(msda),
+             "goal: 50x forward, 40x forward+backward": row(goal, (50.0, 40.0)),
+             "floor, encoder rows, query-major (value as laid out)": row(floor),
+             "floor, msda's orders (forward in strips, backward on dense head copies)": row(floor, (67.0, 58.0))}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import limit_model; "
+            "print(json.dumps(limit_model.reading(json.loads(sys.argv[2]), 2)))")
+    proc = subprocess.run([sys.executable, "-c", code, BENCHMARKS, json.dumps(model)], capture_output=True,
+                          text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_limit_model_reading_follows_its_figures():
+    # msda above the floor in both passes, goals above the floors: the floor bounds the speedups.
+    text = "\n".join(_limit_model_reading(msda=(46.0, 110.0), floor=(24.0, 89.0), goal=(32.0, 133.0)))
+    assert "upper bounds for this design" in text and "not a lower bound" not in text
+    assert "its forward must drop from 46.0 to 32.0" in text and "backward is already under the goal" in text
+    # msda's backward faster than the floor's loop, forward goal under the floor: said so, no negative budgets.
+    text = "\n".join(_limit_model_reading(msda=(79.0, 152.0), floor=(63.0, 169.0), goal=(46.0, 99.0)))
+    assert "here the floor is not a lower bound for the backward" in text
+    assert "upper bounds for this design" not in text
+    assert "The forward goal (46.0 cycles per sample) is under the floor of this data movement (63.0)" in text
+    assert "17.0 fewer backward" in text and "may spend -" not in text
