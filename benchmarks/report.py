@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import statistics
 from typing import Any
 
 from other_work import describe
@@ -69,6 +71,39 @@ def compare(msda_result: dict[str, Any], ref_result: dict[str, Any] | None, thre
     return row
 
 
+def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One worker result from several rounds' results: each timing and the memory peak their median."""
+    merged = copy.deepcopy(results[0])
+    for t, by_pass in merged["timings"].items():
+        for which, timing in by_pass.items():
+            timing["median_s"] = statistics.median(r["timings"][t][which]["median_s"] for r in results)
+    merged["memory"]["peak_extra_bytes"] = statistics.median(r["memory"]["peak_extra_bytes"] for r in results)
+    return merged
+
+
+def compare_rounds(raw: list[dict[str, Any]], threads: int, peaks: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A row per (case, device), in the order of `raw`. With several rounds (run_all.py --rounds: the two
+    implementations' worker processes alternating), times and memory are medians over the rounds, and
+    each speed-up is the median of the rounds' own ratios (each round's msda and reference ran back to
+    back, so a machine that slows down between rounds moves both sides of its ratio), its range kept in
+    ``round_speedups``."""
+    keys = list(dict.fromkeys((r["case"], r["device"]) for r in raw if r["impl"] == "msda"))
+    rows = []
+    for case, device in keys:
+        mine = [r for r in raw if r["impl"] == "msda" and r["case"] == case and r["device"] == device]
+        refs = [r for r in raw if r["impl"] == "reference" and r["case"] == case and r["device"] == device]
+        row = compare(_merge_rounds(mine), _merge_rounds(refs) if refs else None, threads, peaks)
+        if len(mine) > 1 and len(refs) == len(mine):
+            per_round = [compare(m, r, threads, None) for m, r in zip(mine, refs)]
+            row["round_speedups"] = {}
+            for metric in ("speedup_forward", "speedup_forward_backward"):
+                values = [pr[metric] for pr in per_round]
+                row[metric] = statistics.median(values)
+                row["round_speedups"][metric] = values
+        rows.append(row)
+    return rows
+
+
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     verdicts = []
     for case, metric, threshold, description in TARGETS:
@@ -112,6 +147,13 @@ def _memory_ratio(msda_bytes: float, ref_bytes: float) -> str:
     return f"1/{1 / ratio:.1f}" if ratio < 1 else f"{ratio:.2f}"
 
 
+def _speedup(row: dict[str, Any], metric: str) -> str:
+    """The speed-up, and with several rounds the lowest and highest round's."""
+    values = row.get("round_speedups", {}).get(metric)
+    text = f"{row[metric]:.1f}x"
+    return text + (f" ({min(values):.1f}-{max(values):.1f})" if values else "")
+
+
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| case | shape | dev | fwd ms msda / ref | fwd speedup | fwd+bwd ms msda / ref | fwd+bwd speedup "
@@ -127,9 +169,9 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
                      f"{m['peak_extra_bytes'] / MIB:.1f} / -", "-"]
         else:
             cells = [
-                f"{_ms(m['forward_s'])} / {_ms(ref['forward_s'])}", f"{r['speedup_forward']:.1f}x",
+                f"{_ms(m['forward_s'])} / {_ms(ref['forward_s'])}", _speedup(r, "speedup_forward"),
                 f"{_ms(m['forward_backward_s'])} / {_ms(ref['forward_backward_s'])}",
-                f"{r['speedup_forward_backward']:.1f}x",
+                _speedup(r, "speedup_forward_backward"),
                 f"{m['peak_extra_bytes'] / MIB:.1f} / {ref['peak_extra_bytes'] / MIB:.1f}",
                 _memory_ratio(m["peak_extra_bytes"], ref["peak_extra_bytes"]),
             ]
@@ -201,7 +243,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"reference {settings['reference_repeats']} runs ({settings['reference_warmup']} warm-up) for op cases and "
         f"{settings['module_reference_repeats']} for the module cases (a reference call takes seconds), "
         f"the first forward+backward (the memory measurement) counting as one warm-up, at {settings['threads']} threads; "
-        f"forward under torch.no_grad. Peak extra memory: resident-set peak over one forward+backward minus the RSS "
+        f"forward under torch.no_grad. "
+        + (f"Each case ran {settings['rounds']} rounds, msda's and the reference's worker processes alternating "
+           "(msda first in odd rounds, the reference first in even ones): times and memory are medians over the "
+           "rounds, speed-ups the median of the rounds' own ratios (lowest-highest in brackets). "
+           if settings.get("rounds", 1) > 1 else "")
+        + f"Peak extra memory: resident-set peak over one forward+backward minus the RSS "
         f"before it, each (case, implementation) in its own process. Memory ratio = msda / reference.",
         "",
         "## Op: msda.ms_deform_attn against msda.ms_deform_attn_reference",

@@ -35,7 +35,7 @@ from cases import OP_CASES  # noqa: E402
 from module_bench import MODULE_CASES  # noqa: E402
 from plot import plot_speedups  # noqa: E402
 from other_work import OtherWork  # noqa: E402
-from report import check_targets, compare, markdown  # noqa: E402
+from report import check_targets, compare_rounds, markdown  # noqa: E402
 from roofline import machine_peaks  # noqa: E402
 
 ALL_CASES = list(OP_CASES) + list(MODULE_CASES)
@@ -129,6 +129,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="timed runs per reference measurement, module cases (default 3: a 6-layer "
                              "fwd+bwd takes about 20 s)")
     parser.add_argument("--reference-warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds per case: msda's and the reference's worker processes alternate this many times "
+                             "each; speed-ups are the median of the rounds' ratios (3 or more on a shared machine, "
+                             "whose speed drifts between the two sides of a single round)")
     parser.add_argument("--threads", type=int, default=2, help="threads for the main comparison (msda is also "
                         "timed at 1 thread for scaling)")
     parser.add_argument("--reference-scaling", action="store_true",
@@ -142,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="measure nothing: rebuild the rows, tables and plot from the raw measurements "
                              "in an earlier benchmark.json (e.g. after a change to the report)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     defaults = {"repeats": (2, 5), "warmup": (1, 5), "reference_repeats": (2, 5), "module_reference_repeats": (2, 3)}
     for name, (quick_value, full_value) in defaults.items():
         if getattr(args, name) is None:
@@ -174,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     raw = []
     for case in args.only or ALL_CASES:
         for device in devices:
-            raw.append(run_worker(case, "msda", device, args))
-            raw.append(run_worker(case, "reference", device, args))
+            for round_index in range(args.rounds):
+                # Alternating which goes first, so that neither side always follows the other's calls.
+                for impl in ("msda", "reference") if round_index % 2 == 0 else ("reference", "msda"):
+                    raw.append({**run_worker(case, impl, device, args), "round": round_index})
 
     report = {
         "started_utc": started.isoformat(timespec="seconds"),
@@ -188,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
             "reference_repeats": args.reference_repeats, "module_reference_repeats": args.module_reference_repeats,
             "reference_warmup": args.reference_warmup, "reference_scaling": args.reference_scaling,
+            "rounds": args.rounds,
             "devices": devices, "omp_wait_policy": args.omp_wait_policy,
         },
         "machine": machine,
@@ -201,13 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_outputs(report: dict[str, Any], out: str) -> None:
     """Derive rows and target verdicts from the raw measurements; write JSON, markdown and plot."""
     raw, threads = report["raw"], report["settings"]["threads"]
-    rows = []
-    for result in raw:
-        if result["impl"] != "msda":
-            continue
-        ref = next((r for r in raw if r["impl"] == "reference" and r["case"] == result["case"]
-                    and r["device"] == result["device"]), None)
-        rows.append(compare(result, ref, threads, report["peaks"]))
+    rows = compare_rounds(raw, threads, report["peaks"])
     report["flop_formula"] = "forward = 10*N*Lq*M*L*P*D; forward+backward = 3 * forward"
     report["rows"] = rows
     # A smoke run's ratios come from tiny shapes and two repeats: no verdicts on them.

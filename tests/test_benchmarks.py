@@ -215,3 +215,27 @@ def test_limit_model_reading_follows_its_figures():
     assert "upper bounds for this design" not in text
     assert "The forward goal (46.0 cycles per sample) is under the floor of this data movement (63.0)" in text
     assert "17.0 fewer backward" in text and "may spend -" not in text
+
+
+def test_quick_run_rounds_alternate_and_take_the_median_ratio(tmp_path):
+    # --rounds 2: msda then the reference, then the reference then msda; the speed-up is the median of
+    # the two rounds' ratios, and the table gives their range.
+    cmd = [sys.executable, RUN_ALL, "--quick", "--no-cuda", "--out", str(tmp_path), "--only", "decoder",
+           "--rounds", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [(r["round"], r["impl"]) for r in report["raw"]] == [(0, "msda"), (0, "reference"),
+                                                                (1, "reference"), (1, "msda")]
+    (row,) = report["rows"]
+    for metric, which in (("speedup_forward", "forward"), ("speedup_forward_backward", "forward_backward")):
+        ratios = [ref["timings"]["2"][which]["median_s"] / mine["timings"]["2"][which]["median_s"]
+                  for mine, ref in ((report["raw"][0], report["raw"][1]), (report["raw"][3], report["raw"][2]))]
+        assert row["round_speedups"][metric] == pytest.approx(ratios)
+        assert row[metric] == pytest.approx(sum(ratios) / 2)
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "Each case ran 2 rounds" in text
+    assert f"{row['speedup_forward']:.1f}x ({min(row['round_speedups']['speedup_forward']):.1f}-" in text
+    bad = subprocess.run([sys.executable, RUN_ALL, "--rounds", "0"], capture_output=True, text=True, env=_env(),
+                         timeout=120)
+    assert bad.returncode == 2 and "--rounds must be at least 1, got 0" in bad.stderr
