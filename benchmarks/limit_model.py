@@ -269,7 +269,6 @@ def main() -> int:
     return 0
 
 
-
 PASSES = ("forward", "backward")
 
 

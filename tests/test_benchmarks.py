@@ -157,11 +157,19 @@ def test_row_cost_quick_run(tmp_path):
     assert "Reading it (D 32)" in text and all(line in text for line in report["summary"])
 
 
-def _row_cost_summary(float32_ns: float, bfloat16_ns: float) -> list[str]:
-    """row_cost.summary on made-up figures: float32 7 + 11 ns per sample, float16 at 1.2x.
+def _in_benchmarks(module: str, expression: str, argument):
+    """`expression` evaluated with benchmarks/`module` imported and `argument` (JSON-able) bound, in a child
+    process: benchmarks/ has its own `cases` module, which the tests' `cases` shadows in this one."""
+    code = (f"import json, sys; sys.path.insert(0, sys.argv[1]); import {module}; "
+            f"argument = json.loads(sys.argv[2]); print(json.dumps({expression}))")
+    proc = subprocess.run([sys.executable, "-c", code, BENCHMARKS, json.dumps(argument)], capture_output=True,
+                          text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    In a child process: benchmarks/ has its own `cases` module, which the tests' `cases` shadows here.
-    """
+
+def _row_cost_summary(float32_ns: float, bfloat16_ns: float) -> list[str]:
+    """row_cost.summary on made-up figures: float32 7 + 11 ns per sample, float16 at 1.2x."""
     timings = {}
     for name, total, shared in (("float32", float32_ns, 7.0), ("bfloat16", bfloat16_ns, 8.0),
                                 ("float16", float32_ns / 1.2, 8.5)):
@@ -170,12 +178,7 @@ def _row_cost_summary(float32_ns: float, bfloat16_ns: float) -> list[str]:
             timings[f"D{D} {name}"] = {"ns_per_sample": total * (0.5 + 0.5 * scale),
                                        "row_bytes": D * (4 if name == "float32" else 2)}
         timings[f"D32 {name}, rows in L1"] = {"ns_per_sample": shared, "row_bytes": 32 * (4 if name == "float32" else 2)}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import row_cost; "
-            "print(json.dumps(row_cost.summary(row_cost.derive(json.loads(sys.argv[2])))))")
-    proc = subprocess.run([sys.executable, "-c", code, BENCHMARKS, json.dumps(timings)], capture_output=True,
-                          text=True, env=_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _in_benchmarks("row_cost", "row_cost.summary(row_cost.derive(argument))", timings)
 
 
 def test_row_cost_summary_says_which_dtypes_beat_the_halved_bytes_bound():
@@ -188,7 +191,7 @@ def test_row_cost_summary_says_which_dtypes_beat_the_halved_bytes_bound():
 
 
 def _limit_model_reading(msda: tuple, floor: tuple, goal: tuple) -> list[str]:
-    """limit_model.reading on made-up (forward, backward) cycles per sample, in a child process (as above)."""
+    """limit_model.reading on made-up (forward, backward) cycles per sample."""
     def row(cycles, speedups=(40.0, 30.0)):
         return {"cycles_per_sample": dict(zip(("forward", "backward"), cycles)),
                 "speedup_over_reference": {"forward": speedups[0], "forward+backward": speedups[1]}}
@@ -196,12 +199,7 @@ def _limit_model_reading(msda: tuple, floor: tuple, goal: tuple) -> list[str]:
              "goal: 50x forward, 40x forward+backward": row(goal, (50.0, 40.0)),
              "floor, encoder rows, query-major (value as laid out)": row(floor),
              "floor, msda's orders (forward in strips, backward on dense head copies)": row(floor, (67.0, 58.0))}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import limit_model; "
-            "print(json.dumps(limit_model.reading(json.loads(sys.argv[2]), 2)))")
-    proc = subprocess.run([sys.executable, "-c", code, BENCHMARKS, json.dumps(model)], capture_output=True,
-                          text=True, env=_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _in_benchmarks("limit_model", "limit_model.reading(argument, 2)", model)
 
 
 def test_limit_model_reading_follows_its_figures():
