@@ -10,7 +10,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MSDA_VENV:-$ROOT/.venv}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/msda-wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+# Each step prints how long it took.
+t0=$(date +%s)
 MSDA_WHEEL_DIR="$work/dist" bash "$ROOT/scripts/build_wheel.sh"
+echo "== wheel built in $(( $(date +%s) - t0 )) s"
 wheel="$(ls "$work"/dist/msda-*.whl)"
 case "$(basename "$wheel")" in
   msda-*+torch*) ;;
@@ -20,10 +23,13 @@ echo "== fresh environment with $(basename "$wheel")"
 "$VENV/bin/python" -m venv "$work/venv"
 # The torch the wheel was built for (as scripts/setup_env.sh installs it);
 # pip also checks it against the wheel's own requirement.
+t0=$(date +%s)
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check "${MSDA_TORCH:-torch==2.13.0}" "$wheel"
+echo "== fresh environment made in $(( $(date +%s) - t0 )) s"
 cd "$work"  # away from the checkout: the installed msda is the one imported
 allowed="$("$work/venv/bin/python" -c 'import msda._C as c; print(" ".join(c.cpu_capabilities_allowed()))')"
 for capability in $allowed; do
+  t0=$(date +%s)
   MSDA_CPU_CAPABILITY="$capability" MSDA_REQUIRE_EXTENSION=1 OMP_WAIT_POLICY=PASSIVE \
     "$work/venv/bin/python" -W error::RuntimeWarning - <<'PYEOF'
 import os
@@ -55,4 +61,5 @@ for a, b in zip(grads, ref_grads):
     torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 print(f"   {msda.__version__} from {os.path.dirname(msda.__file__)}: {got} kernels match the float64 reference")
 PYEOF
+  echo "   ($capability: $(( $(date +%s) - t0 )) s)"
 done

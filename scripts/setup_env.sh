@@ -22,7 +22,7 @@ python -m pip install -q --disable-pip-version-check --upgrade pip
 DEPS=(
   "${MSDA_TORCH:-torch==2.13.0}" numpy             # the op
   pybind11 ninja "setuptools>=77" wheel           # the build
-  pytest hypothesis "tomli;python_version<'3.11'"  # the tests (tomli: pyproject.toml on Python 3.10)
+  pytest pytest-xdist hypothesis "tomli;python_version<'3.11'"  # the tests (xdist: test files in parallel workers; tomli: pyproject.toml on Python 3.10)
   scipy pillow pycocotools matplotlib             # the example detector (matching, images, COCO AP, plots)
   onnx onnxscript onnxruntime                     # ONNX export (msda.onnx) and running the exported graphs
   transformers==5.24.0 mmcv-lite==2.2.0 kernels==0.17.2  # msda.integrations tests: HF models, mmcv's real module, kernels' kernelize;

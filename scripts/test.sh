@@ -9,4 +9,10 @@ export MSDA_REQUIRE_EXTENSION=1
 # other work (torchrun workers, a busy CI machine) do not stall each other.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 cd "$MSDA_ROOT"
-python -m pytest tests -q "$@"
+# Test files run side by side in worker processes (pytest-xdist), one per core
+# up to 4: most of the suite's time is single-threaded Python (imports, exports,
+# child processes), so on 2 cores this about halves it. A file stays in one
+# worker, so its module fixtures (exports, builds) are made once.
+# MSDA_TEST_WORKERS=0 runs everything in this one process.
+workers="${MSDA_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
+python -m pytest tests -q -n "$workers" --dist loadfile "$@"

@@ -11,7 +11,7 @@ import tarfile
 
 import msda
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from source_tree import copy_source_tree
 
 
 def test_version_and_typed_marker():
@@ -24,12 +24,13 @@ def test_public_api():
 
 
 def test_sdist_carries_the_sources(tmp_path):
+    source, dist = copy_source_tree(tmp_path / "msda"), tmp_path / "dist"
     result = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(dist)],
+        cwd=source, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    (archive,) = list(tmp_path.glob("msda-*.tar.gz"))
+    (archive,) = list(dist.glob("msda-*.tar.gz"))
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for required in ("setup.py", "pyproject.toml", "LICENSE", "README.md", "csrc/msda.cpp", "csrc/checks.h",
@@ -39,13 +40,14 @@ def test_sdist_carries_the_sources(tmp_path):
     assert "src/msda/_build_info.py" not in names  # written at build time, for the torch it is built against
 
 
-def test_build_without_torch_stops_early_with_advice():
+def test_build_without_torch_stops_early_with_advice(tmp_path):
     # What an isolated `pip install .` meets: no torch in the build environment.
     code = (
         "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'bdist_wheel'];"
         "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__file__': 'setup.py', '__name__': '__main__'})"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=copy_source_tree(tmp_path / "msda"),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "pip install --no-build-isolation ." in result.stderr
     assert "torch is not importable" in result.stderr

@@ -18,30 +18,35 @@ import pytest
 import torch
 
 from msda import _extension
+from source_tree import copy_source_tree
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; from setuptools import build_meta; "
 
 
-def _hook(tmp_path, call: str) -> subprocess.CompletedProcess:
-    # A PEP 517 hook as pip calls it in an isolated build environment, which has no torch.
+def _hook(out_dir, call: str) -> subprocess.CompletedProcess:
+    # A PEP 517 hook as pip calls it in an isolated build environment, which has no torch,
+    # on a private copy of the sources (the hooks write egg-info into the tree).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = copy_source_tree(out_dir.parent / "msda")
     code = BLOCK_TORCH + call
-    return subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, str(out_dir)], cwd=source, capture_output=True, text=True,
                           timeout=300)
 
 
 def test_wheel_metadata_without_torch_stops_with_advice(tmp_path):
-    result = _hook(tmp_path, "build_meta.prepare_metadata_for_build_wheel(sys.argv[1])")
+    out = tmp_path / "metadata"
+    result = _hook(out, "build_meta.prepare_metadata_for_build_wheel(sys.argv[1])")
     assert result.returncode != 0
     assert "torch is not importable" in result.stderr
     assert "pip install --no-build-isolation ." in result.stderr
-    assert not list(tmp_path.glob("*.dist-info"))
+    assert not list(out.glob("*.dist-info"))
 
 
 def test_sdist_builds_without_torch_and_ships_no_tests(tmp_path):
-    result = _hook(tmp_path, "print(build_meta.build_sdist(sys.argv[1]))")
+    out = tmp_path / "dist"
+    result = _hook(out, "print(build_meta.build_sdist(sys.argv[1]))")
     assert result.returncode == 0, result.stderr
-    (archive,) = list(tmp_path.glob("msda-*.tar.gz"))
+    (archive,) = list(out.glob("msda-*.tar.gz"))
     assert re.fullmatch(r"msda-\d+\.\d+\.\d+\.tar\.gz", archive.name)  # the sources: no torch in the version
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
