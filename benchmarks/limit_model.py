@@ -12,7 +12,9 @@ Needs g++ and an AVX-512 CPU (it compiles benchmarks/line_cost.cpp with
 2. the floor (line_cost.cpp, one core, best of 5): the cycles per sample of
    nothing but a sample's data movement (forward: 8 x 64-byte loads and 8
    multiply-adds; backward: 16 loads, 8 stores, 16 multiply-adds and 4 lane
-   sums), on the real rows and on rows that stay in L1; the core clock, L1
+   sums), on the real rows and on rows that stay in L1, in several orders,
+   and the backward as msda's tasks run it (per head: its rows copied into a
+   dense buffer, its items, its grad rows copied out); the core clock, L1
    and L2 load bandwidth, and the sample set's reuse profile (distinct lines a
    sample needs that the last W items did not touch);
 3. msda and the grid_sample reference on the same inputs, interleaved, at the
@@ -21,8 +23,9 @@ Needs g++ and an AVX-512 CPU (it compiles benchmarks/line_cost.cpp with
    over the reference each would give, next to the goals (50x forward, 40x
    forward+backward).
 
-The floor leaves out everything but data movement: coordinate arithmetic,
-bounds checks, the location gradient's extra dot products, per-call costs.
+The floor leaves out everything but data movement of value and grad_value:
+coordinate arithmetic, bounds checks, the location gradient's extra dot
+products, reading the locations, weights and grad_output, per-call costs.
 So msda's cycles minus the floor's are what the kernel spends on those, and
 the floor's speedup is an upper bound no kernel of this design can pass.
 Prints a table and writes JSON and markdown with the machine and the load
@@ -166,6 +169,12 @@ def model(floor: dict, ops: dict, samples: int) -> dict:
     def floor_cycles(order: str, rows: str) -> dict:
         return {k: floor["orders"][order][f"{k}_s_per_sample"][rows] * hz for k in ("forward", "backward")}
 
+    # msda's backward as its tasks run (line_cost.cpp: time_backward_head_tasks): per head, its rows copied in,
+    # its items, its grad rows copied out. Older floors lack it: then the full-size dense copies stand in.
+    tasks = head_task_cycles(floor)
+    msda_backward_floor = (tasks["items"] + tasks["copies"] if tasks
+                           else floor_cycles("head-major, dense head copies", "rows")["backward"])
+
     msda_1 = {"forward": t1["msda forward"] * hz / samples,
               "backward": (t1["msda forward+backward"] - t1["msda forward"]) * hz / samples}
     msda_n = {"forward": cycles_all_cores(t["msda forward"]),
@@ -177,10 +186,11 @@ def model(floor: dict, ops: dict, samples: int) -> dict:
         "floor, encoder rows, query-major (value as laid out)": floor_cycles("query-major", "rows"),
         "floor, encoder rows, query-major in strips (msda's forward)": floor_cycles("query-major, strips", "rows"),
         "floor, encoder rows, head-major (value as laid out)": floor_cycles("head-major", "rows"),
-        "floor, encoder rows, head-major on dense head copies (msda's backward)":
+        "floor, encoder rows, head-major on dense head copies (msda's backward)" if not tasks else
+        "floor, encoder rows, head-major on full-size dense head copies (all made first)":
             floor_cycles("head-major, dense head copies", "rows"),
         MSDA_FLOOR: {"forward": floor_cycles("query-major, strips", "rows")["forward"],
-                     "backward": floor_cycles("head-major, dense head copies", "rows")["backward"]},
+                     "backward": msda_backward_floor},
         "goal: 50x forward, 40x forward+backward": goal,
         "msda, 1 thread": msda_1,
         f"msda, {threads} threads": msda_n,
@@ -272,10 +282,17 @@ def main() -> int:
 PASSES = ("forward", "backward")
 
 
-def reading(model_rows: dict, threads: int) -> list[str]:
+def head_task_cycles(floor: dict) -> dict | None:
+    """Cycles per sample of msda's backward tasks in the floor: {"items", "copies"}, or None (older floors)."""
+    tasks = floor.get("backward_head_tasks_s_per_sample")
+    return {k: v * floor["clock_hz"] for k, v in tasks.items()} if tasks else None
+
+
+def reading(model_rows: dict, threads: int, head_tasks: dict | None = None) -> list[str]:
     """The model's bullet points, worded from its figures: a floor that msda beats on some machine is said
     not to bound that pass there, and a goal below the floor is said to be out of reach, instead of
-    reporting negative cycles to spare."""
+    reporting negative cycles to spare. head_tasks: the floor's {"items", "copies"} cycles of msda's
+    backward tasks, when measured (then the backward's floor counts its copies)."""
     msda = model_rows[f"msda, {threads} threads"]["cycles_per_sample"]
     goal = model_rows["goal: 50x forward, 40x forward+backward"]["cycles_per_sample"]
     floor = model_rows[MSDA_FLOOR]["cycles_per_sample"]
@@ -295,10 +312,14 @@ def reading(model_rows: dict, threads: int) -> list[str]:
         "* msda's forward visits a query's 8 heads at a time on value as laid out, the queries in vertical "
         "strips (query_order.h); its backward works on one head at a time on a dense copy of its rows "
         f"(head_copies.h). The same data movement in those orders takes {floor['forward']:.1f} (forward) and "
-        f"{floor['backward']:.1f} (backward) cycles per sample (the backward's copies, about 2 passes over value "
-        f"per call, not included); msda takes {spends}."
+        f"{floor['backward']:.1f} (backward) cycles per sample "
+        + (f"(the backward as its tasks run it: per head, its rows copied in, its items, its grad rows copied out; "
+           f"the items {head_tasks['items']:.1f}, the copies {head_tasks['copies']:.1f})" if head_tasks else
+           "(the backward's copies, about 2 passes over value per call, not included)")
+        + f"; msda takes {spends}."
         + (f" In the {' and the '.join(x for x in PASSES if x not in beaten)} the rest is coordinate arithmetic, "
-           "corner weights and bounds, the location gradient's dot products, the head copies, per-call costs "
+           "corner weights and bounds, the location gradient's dot products, reading the locations, weights "
+           "and grad_output, " + ("" if head_tasks else "the head copies, ") + "per-call costs "
            "(and any imperfect scaling over threads)." if len(beaten) < 2 else ""),
     ]
     one = model_rows.get("msda, 1 thread", {}).get("cycles_per_sample")
@@ -399,7 +420,7 @@ def markdown(r: dict) -> str:
         cyc, sp = row["cycles_per_sample"], row["speedup_over_reference"]
         lines.append(f"| {name} | {cyc['forward']:.1f} | {cyc['backward']:.1f} | {cyc['forward'] + cyc['backward']:.1f} "
                      f"| {sp['forward']:.0f}x | {sp['forward+backward']:.0f}x |")
-    lines += ["", "## Reading it", "", *reading(r["model"], r["ops"]["threads"])]
+    lines += ["", "## Reading it", "", *reading(r["model"], r["ops"]["threads"], head_task_cycles(r["floor_raw"]))]
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,11 @@
 // four orders: query-major (the op's memory order: a query's 8 heads, then
 // the next query), query-major with the queries in vertical strips (the
 // forward kernel's order, query_order.h), head-major (one head's queries,
-// then the next head), and head-major on per-head dense copies of value (as
-// the backward kernel's head-copy tasks);
+// then the next head), and head-major on full-size per-head dense copies of
+// value (all heads' copies made before the first item);
+// the backward as the kernel's head-copy tasks run it (per head: its rows
+// copied in, its items, its grad rows copied out; items and copies timed
+// apart);
 // and the machine's: the core clock (a chain of dependent register adds, one
 // per cycle; see clock_hz), and L1 and L2 load bandwidth (64-byte loads over a 16 KiB and a
 // 1 MiB buffer), and, from the sample set, the distinct 64-byte lines a
@@ -196,36 +199,88 @@ double time_forward(const SampleSet& s, const std::vector<int64_t>& order, const
   });
 }
 
-// Backward: per sample, 4 dots of grad_output with the corner rows (and their
-// lane sums), and grad_value's corner rows += weight * grad_output.
+// Backward of one item: per sample, 4 dots of grad_output with the corner
+// rows (and their lane sums), and grad_value's corner rows += weight *
+// grad_output.
+inline void backward_item(const SampleSet& s, int64_t item, const int32_t* rows, const float* value, float* grad,
+                          const float* grad_out, float* dots) {
+  const __m512 go0 = _mm512_loadu_ps(grad_out + (item % 4096) * kD);
+  const __m512 go1 = _mm512_loadu_ps(grad_out + (item % 4096) * kD + 16);
+  for (int64_t j = item * s.per_item; j < (item + 1) * s.per_item; ++j) {
+    const int32_t* r = &rows[4 * j];
+    const float* w = &s.weights[4 * j];
+    __m512 d[4];
+    for (int k = 0; k < 4; ++k) {
+      const float* v = value + r[k];
+      float* g = grad + r[k];
+      const __m512 wk = _mm512_set1_ps(w[k]);
+      d[k] = _mm512_fmadd_ps(go1, _mm512_loadu_ps(v + 16), _mm512_mul_ps(go0, _mm512_loadu_ps(v)));
+      _mm512_storeu_ps(g, _mm512_fmadd_ps(wk, go0, _mm512_loadu_ps(g)));
+      _mm512_storeu_ps(g + 16, _mm512_fmadd_ps(wk, go1, _mm512_loadu_ps(g + 16)));
+    }
+    // The 4 lane sums as the kernels do them: fold to 8 lanes, then horizontal adds.
+    __m256 h[4];
+    for (int k = 0; k < 4; ++k)
+      h[k] = _mm256_add_ps(_mm512_extractf32x8_ps(d[k], 0), _mm512_extractf32x8_ps(d[k], 1));
+    const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    _mm_storeu_ps(dots + (j % 1024) * 4,
+                  _mm_add_ps(_mm256_castps256_ps128(h0123), _mm256_extractf128_ps(h0123, 1)));
+  }
+}
+
 double time_backward(const SampleSet& s, const std::vector<int64_t>& order, const std::vector<int32_t>& rows,
                      const float* value, float* grad, const float* grad_out, float* dots) {
   return best_seconds([&] {
-    for (const int64_t item : order) {
-      const __m512 go0 = _mm512_loadu_ps(grad_out + (item % 4096) * kD);
-      const __m512 go1 = _mm512_loadu_ps(grad_out + (item % 4096) * kD + 16);
-      for (int64_t j = item * s.per_item; j < (item + 1) * s.per_item; ++j) {
-        const int32_t* r = &rows[4 * j];
-        const float* w = &s.weights[4 * j];
-        __m512 d[4];
-        for (int k = 0; k < 4; ++k) {
-          const float* v = value + r[k];
-          float* g = grad + r[k];
-          const __m512 wk = _mm512_set1_ps(w[k]);
-          d[k] = _mm512_fmadd_ps(go1, _mm512_loadu_ps(v + 16), _mm512_mul_ps(go0, _mm512_loadu_ps(v)));
-          _mm512_storeu_ps(g, _mm512_fmadd_ps(wk, go0, _mm512_loadu_ps(g)));
-          _mm512_storeu_ps(g + 16, _mm512_fmadd_ps(wk, go1, _mm512_loadu_ps(g + 16)));
-        }
-        // The 4 lane sums as the kernels do them: fold to 8 lanes, then horizontal adds.
-        __m256 h[4];
-        for (int k = 0; k < 4; ++k)
-          h[k] = _mm256_add_ps(_mm512_extractf32x8_ps(d[k], 0), _mm512_extractf32x8_ps(d[k], 1));
-        const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-        _mm_storeu_ps(dots + (j % 1024) * 4,
-                      _mm_add_ps(_mm256_castps256_ps128(h0123), _mm256_extractf128_ps(h0123, 1)));
-      }
-    }
+    for (const int64_t item : order) backward_item(s, item, rows.data(), value, grad, grad_out, dots);
   });
+}
+
+// The backward as the kernel's head-copy tasks run it, one head after the
+// other: copy the head's rows of value (as laid out, M * D apart) into a
+// dense buffer, zero a dense grad buffer, run the head's items on them, copy
+// the grad rows out into grad_value (as laid out). The copies leave the
+// head's rows in L2/L3 for its items, as in the kernel; the full-size dense
+// copies of the "dense head copies" order above start each head from memory.
+// Returns seconds for the items alone and for the copies alone, each the
+// best of 5 sweeps.
+struct HeadTaskSeconds {
+  double items, copies;
+};
+HeadTaskSeconds time_backward_head_tasks(const SampleSet& s, const float* value, float* grad_value,
+                                         const float* grad_out, float* dots) {
+  const int64_t row_floats = s.heads * kD, value_rows = s.value_floats / row_floats;
+  const int64_t queries = s.samples / s.per_item / s.heads;
+  std::vector<int32_t> head_rows(s.rows.size());  // offsets in the head's dense buffer
+  for (size_t i = 0; i < head_rows.size(); ++i) head_rows[i] = static_cast<int32_t>(s.rows[i] / row_floats * kD);
+  float* rows = static_cast<float*>(std::aligned_alloc(64, value_rows * kD * sizeof(float)));
+  float* grad = static_cast<float*>(std::aligned_alloc(64, value_rows * kD * sizeof(float)));
+  HeadTaskSeconds best{1e30, 1e30};
+  for (int sweep = 0; sweep < 6; ++sweep) {  // the first is a warm-up
+    double items = 0, copies = 0;
+    for (int64_t m = 0; m < s.heads; ++m) {
+      auto start = Clock::now();
+      for (int64_t r = 0; r < value_rows; ++r)
+        for (int half = 0; half < 2; ++half)
+          _mm512_store_ps(rows + r * kD + 16 * half, _mm512_loadu_ps(value + r * row_floats + m * kD + 16 * half));
+      std::fill(grad, grad + value_rows * kD, 0.0f);
+      copies += seconds_since(start);
+      start = Clock::now();
+      for (int64_t q = 0; q < queries; ++q) backward_item(s, q * s.heads + m, head_rows.data(), rows, grad, grad_out, dots);
+      items += seconds_since(start);
+      start = Clock::now();
+      for (int64_t r = 0; r < value_rows; ++r)
+        for (int half = 0; half < 2; ++half)
+          _mm512_storeu_ps(grad_value + r * row_floats + m * kD + 16 * half, _mm512_load_ps(grad + r * kD + 16 * half));
+      copies += seconds_since(start);
+    }
+    if (sweep > 0) {
+      best.items = std::min(best.items, items);
+      best.copies = std::min(best.copies, copies);
+    }
+  }
+  std::free(rows);
+  std::free(grad);
+  return best;
 }
 
 // Bytes per cycle of 64-byte loads streaming over `bytes` (4 independent sums).
@@ -318,7 +373,10 @@ int main(int argc, char** argv) {
                   new_lines_per_sample(s, order, rows, value_floats / 16, windows[i]));
     std::printf("}}");
   }
-  std::printf("}, \"load_bytes_per_cycle\": {\"l1_16KiB\": %.3f, \"l2_1MiB\": %.3f}}\n",
+  const HeadTaskSeconds tasks = time_backward_head_tasks(s, value, grad, grad_out.data(), dots.data());
+  std::printf("}, \"backward_head_tasks_s_per_sample\": {\"items\": %.6e, \"copies\": %.6e}", tasks.items * per,
+              tasks.copies * per);
+  std::printf(", \"load_bytes_per_cycle\": {\"l1_16KiB\": %.3f, \"l2_1MiB\": %.3f}}\n",
               load_bytes_per_cycle(16 << 10, hz), load_bytes_per_cycle(1 << 20, hz));
   std::free(value);
   std::free(grad);

@@ -133,8 +133,13 @@ def test_limit_model_quick_run(tmp_path):
     for row in report["model"].values():
         assert row["cycles_per_sample"]["forward"] > 0 and row["speedup_over_reference"]["forward"] > 0
     assert len(report["load_average_at_end"]) == 3 and report["clock_hz"] > 0
+    tasks = report["floor_raw"]["backward_head_tasks_s_per_sample"]  # msda's backward as its tasks run it
+    assert tasks["items"] > 0 and tasks["copies"] > 0
+    floor = report["model"]["floor, msda's orders (forward in strips, backward on dense head copies)"]
+    per = report["clock_hz"]
+    assert floor["cycles_per_sample"]["backward"] == pytest.approx((tasks["items"] + tasks["copies"]) * per)
     text = open(out + ".md").read()
-    assert "not measurements" in text and "| msda, 1 thread |" in text
+    assert "not measurements" in text and "| msda, 1 thread |" in text and "its rows copied in" in text
 
 
 def test_row_cost_quick_run(tmp_path):
@@ -190,8 +195,8 @@ def test_row_cost_summary_says_which_dtypes_beat_the_halved_bytes_bound():
     assert "Measured beats" not in plain and "only a smaller shared part helps" in plain
 
 
-def _limit_model_reading(msda: tuple, floor: tuple, goal: tuple) -> list[str]:
-    """limit_model.reading on made-up (forward, backward) cycles per sample."""
+def _limit_model_reading(msda: tuple, floor: tuple, goal: tuple, head_tasks: dict | None = None) -> list[str]:
+    """limit_model.reading on made-up (forward, backward) cycles per sample (and the backward floor's parts)."""
     def row(cycles, speedups=(40.0, 30.0)):
         return {"cycles_per_sample": dict(zip(("forward", "backward"), cycles)),
                 "speedup_over_reference": {"forward": speedups[0], "forward+backward": speedups[1]}}
@@ -199,7 +204,7 @@ def _limit_model_reading(msda: tuple, floor: tuple, goal: tuple) -> list[str]:
              "goal: 50x forward, 40x forward+backward": row(goal, (50.0, 40.0)),
              "floor, encoder rows, query-major (value as laid out)": row(floor),
              "floor, msda's orders (forward in strips, backward on dense head copies)": row(floor, (67.0, 58.0))}
-    return _in_benchmarks("limit_model", "limit_model.reading(argument, 2)", model)
+    return _in_benchmarks("limit_model", "limit_model.reading(argument[0], 2, argument[1])", (model, head_tasks))
 
 
 def test_limit_model_reading_follows_its_figures():
@@ -213,6 +218,13 @@ def test_limit_model_reading_follows_its_figures():
     assert "upper bounds for this design" not in text
     assert "The forward goal (46.0 cycles per sample) is under the floor of this data movement (63.0)" in text
     assert "17.0 fewer backward" in text and "may spend -" not in text
+    assert "copies, about 2 passes over value per call, not included" in text  # no task timings: said so
+    # The backward floor as msda's tasks run it: its parts are named, and msda's copies count in the floor.
+    text = "\n".join(_limit_model_reading(msda=(64.0, 160.0), floor=(52.0, 152.5), goal=(46.0, 87.0),
+                                          head_tasks={"items": 140.6, "copies": 11.9}))
+    assert "the items 140.6, the copies 11.9" in text and "not included" not in text
+    assert "7.5 more backward" in text and "the head copies" not in text
+    assert "The backward goal (87.0 cycles per sample) is under the floor of this data movement (152.5)" in text
 
 
 def test_quick_run_rounds_alternate_and_take_the_median_ratio(tmp_path):
