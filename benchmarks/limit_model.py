@@ -42,7 +42,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,6 +49,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 from other_work import OtherWork, describe  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 CASE = "encoder_n1"
 GOALS = {"forward": 50.0, "forward+backward": 40.0}
@@ -271,11 +271,7 @@ def main() -> int:
     report["machine"]["load_average_at_end"] = report["load_average_at_end"]
     text = markdown(report)
     print(text)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
-    print(f"wrote {args.out}.json, {args.out}.md")
+    write_results(args.out, report, text)
     return 0
 
 

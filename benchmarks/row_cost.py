@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ import msda  # noqa: E402
 from cases import OP_CASES, QUICK_OP_CASES, make_op_inputs  # noqa: E402
 from dispatch_vs_native import machine  # noqa: E402
 from other_work import RunRecord, describe  # noqa: E402
+from results_io import write_results  # noqa: E402
 from timing import time_calls  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,12 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     report["summary"] = summary(report["derived"])
     text = markdown(report)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
-    print(f"wrote {args.out}.json and .md")
+    write_results(args.out, report, text)
     return 0
 
 

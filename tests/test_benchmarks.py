@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
 RUN_ALL = os.path.join(BENCHMARKS, "run_all.py")
 # The benchmark scripts a user runs (each has a command line).
 SCRIPTS = ("run_all.py", "worker.py", "v2_bench.py", "hf_detr.py", "detr_inference.py", "onnx_detr.py",
-           "omp_wait_policy.py", "quick_check.py", "dispatch_vs_native.py", "limit_model.py", "row_cost.py")
+           "omp_wait_policy.py", "quick_check.py", "dispatch_vs_native.py", "limit_model.py", "row_cost.py",
+           "v2_floor.py")
 
 
 def _env(*first: str) -> dict:
@@ -140,6 +142,32 @@ def test_limit_model_quick_run(tmp_path):
     assert floor["cycles_per_sample"]["backward"] == pytest.approx((tasks["items"] + tasks["copies"]) * per)
     text = open(out + ".md").read()
     assert "not measurements" in text and "| msda, 1 thread |" in text and "its rows copied in" in text
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="v2_floor.py compiles gather_floor.cpp with g++")
+def test_v2_floor_run_takes_medians_of_rounds(tmp_path):
+    # Two rounds: the times are the medians of the rounds' times, the ratios the medians of the rounds' ratios.
+    out = str(tmp_path / "v2_floor")
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "v2_floor.py"), "--rounds", "2", "--out", out],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(open(out + ".json").read())
+    assert report["rounds"] == 2 and [row["points"] for row in report["rows"]] == [[4, 4, 4], [3, 6, 3]]
+    for row in report["rows"]:
+        t = row["round_s"]
+        assert set(t) == {"floor cold", "floor warm", "msda cold", "msda warm", "reference"}
+        assert all(len(v) == 2 and min(v) > 0 for v in t.values())
+        assert row["median_s"]["msda cold"] == pytest.approx(sum(t["msda cold"]) / 2)
+        assert row["msda_over_floor"]["cold"] == pytest.approx(
+            sum(a / b for a, b in zip(t["msda cold"], t["floor cold"])) / 2)
+        assert row["speedup_over_reference"]["floor cold"] == pytest.approx(
+            sum(a / b for a, b in zip(t["reference"], t["floor cold"])) / 2)
+        assert row["samples"] == 2 * 300 * 8 * 12
+    text = open(out + ".md").read()
+    assert "2 rounds, each calling the floor, msda and the reference in turn" in text
+    bad = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "v2_floor.py"), "--rounds", "0"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert bad.returncode == 2 and "--rounds must be at least 1, got 0" in bad.stderr
 
 
 def test_row_cost_quick_run(tmp_path):
