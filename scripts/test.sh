@@ -14,5 +14,7 @@ cd "$MSDA_ROOT"
 # child processes), so on 2 cores this about halves it. A file stays in one
 # worker, so its module fixtures (exports, builds) are made once.
 # MSDA_TEST_WORKERS=0 runs everything in this one process.
-workers="${MSDA_TEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}"
+workers="${MSDA_TEST_WORKERS:-$(python -c 'import os
+cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # macOS: no affinity
+print(min(4, cores or 1))')}"
 python -m pytest tests -q -n "$workers" --dist loadfile "$@"
