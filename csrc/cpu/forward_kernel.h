@@ -158,6 +158,16 @@ struct GeometryRing {
   }
 };
 
+// When the queries run out of memory order (strips), the forward prefetches
+// the locations and attention weights of the query kInputsAhead after the one
+// whose geometry it computes: in strip order each query's inputs (1.5 KB in
+// float32 at M 8, L 4, P 4) come from a new place, which the hardware
+// prefetchers do not foresee, and the geometry then waits for them. Measured
+// on the encoder shape (AMD EPYC, Zen 4, one process alternating calls):
+// forward 1.05-1.08x faster in bfloat16 and float16 (1 and 2 threads), no
+// change in float32; decoders (memory order) take no prefetch.
+constexpr int64_t kInputsAhead = 4;
+
 // Whether the forward prefetches the corner rows of the query kAhead ahead.
 // With AVX-512 and float32 value it does not: on the encoder and decoder
 // shapes (Intel Xeon, 2 threads) the prefetches cost more than they saved
@@ -204,7 +214,13 @@ void forward_queries(const Layout& layout, const scalar_t* value, const ItemInpu
     const std::vector<scalar_t> zeros(p.D, scalar_t(0));  // stands in for corners outside the map
     GeometryRing<acc_t> ring(p.M * points);
     const int64_t prefetch_bytes = std::min<int64_t>(p.D * sizeof(scalar_t), 128);
+    const int64_t query_points = p.M * points;
     auto compute = [&](int64_t i) {
+      if (ordered && i + kInputsAhead < end) {
+        const int64_t later = query_order[i + kInputsAhead];
+        prefetch_range(loc.address(2 * later * query_points), 2 * query_points * c10::elementSize(loc.type));
+        prefetch_range(attn.address(later * query_points), query_points * c10::elementSize(attn.type));
+      }
       const int64_t query = query_at(i);
       const int64_t n = query / p.Lq;
       const CornerTarget targets[1] = {
