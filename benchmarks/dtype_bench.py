@@ -1,19 +1,21 @@
 """16-bit against float32 on the CPU: time and working memory per dtype.
 
-Timing: one process, the dtypes side by side. Round after round, each dtype
-runs forward (under ``torch.no_grad``) and forward+backward, the median of
-``--calls`` calls each (more for short calls: at least 50 ms of them, so that
-a sub-millisecond decoder forward is not judged on a few milliseconds of a
-shared machine); the figure per dtype is the median over rounds, so
-load from other work on the machine falls on every dtype alike. The
-speedup of a dtype is float32's time over its time.
+Timing: one process, the dtypes side by side. Round after round, the dtypes
+run forward (under ``torch.no_grad``) one after the other, then forward+backward,
+in an order that reverses every round; each measurement is the median of
+``--calls`` calls (more for short calls: at least 50 ms of them, so that a
+sub-millisecond decoder forward is not judged on a few milliseconds of a
+shared machine). The time per dtype is the median over rounds. The speedup of
+a dtype is the median over rounds of float32's time over its time in the same
+round: a machine whose speed drifts over minutes (a shared VM) then moves
+both sides of each ratio alike.
 
 Memory: each dtype in a fresh process (worker.py --dtype), on the very first
 full-size forward+backward: peak RSS growth (memory.py states the method).
 "working" subtracts what every implementation returns (the output and the
 three gradients, in their dtypes), which no implementation can avoid.
 
-    python benchmarks/dtype_bench.py [--cases encoder_n1 decoder] [--rounds 5] [--calls 5]
+    python benchmarks/dtype_bench.py [--cases encoder_n1 decoder] [--rounds 15] [--calls 5]
 
 Prints a table, writes benchmarks/results/dtype_bench.json (machine, load
 averages at start and end, method).
@@ -73,22 +75,32 @@ def time_side_by_side(cases: list[str], rounds: int, calls: int, quick: bool = F
             for kind, fn in (("forward", fwd), ("forward_backward", step)):
                 once = time_calls(fn, CPU, 2, 1)["median_s"]
                 count[name][kind] = max(calls, min(MAX_CALLS, math.ceil(MIN_ROUND_S / max(once, 1e-9))))
-        for _ in range(rounds):
-            for name, (fwd, step) in fns.items():
-                for kind, fn in (("forward", fwd), ("forward_backward", step)):
+        names = list(DTYPES)
+        for round_index in range(rounds):
+            order = names if round_index % 2 == 0 else names[::-1]  # no dtype always first or last
+            for kind in ("forward", "forward_backward"):
+                for name in order:
+                    fn = fns[name][0 if kind == "forward" else 1]
                     samples[name][kind].append(time_calls(fn, CPU, 1, count[name][kind])["median_s"])
-        row: dict = {}
-        for name in DTYPES:
-            row[name] = {kind: {"median_s": statistics.median(s), "round_medians_s": s,
-                                "calls_per_round": count[name][kind]}
-                         for kind, s in samples[name].items()}
-        for name in DTYPES:
-            if name != "float32":
-                row[name]["speedup_vs_float32"] = {
-                    kind: row["float32"][kind]["median_s"] / row[name][kind]["median_s"]
-                    for kind in ("forward", "forward_backward")}
-        results[case] = row
+        results[case] = summarize(samples, count)
     return results
+
+
+def summarize(samples: dict, count: dict) -> dict:
+    """Per dtype and pass: the median over rounds; per 16-bit dtype, the median of the rounds' own
+    float32 / dtype ratios (and the ratios themselves)."""
+    row: dict = {}
+    for name in samples:
+        row[name] = {kind: {"median_s": statistics.median(s), "round_medians_s": s,
+                            "calls_per_round": count[name][kind]}
+                     for kind, s in samples[name].items()}
+    for name in samples:
+        if name != "float32":
+            ratios = {kind: [a / b for a, b in zip(samples["float32"][kind], samples[name][kind])]
+                      for kind in ("forward", "forward_backward")}
+            row[name]["round_speedups_vs_float32"] = ratios
+            row[name]["speedup_vs_float32"] = {kind: statistics.median(r) for kind, r in ratios.items()}
+    return row
 
 
 def returned_bytes(case_name: str, dtype: torch.dtype, quick: bool = False) -> int:
@@ -123,24 +135,30 @@ def memory_per_dtype(case: str, impls: list[tuple[str, str]], quick: bool = Fals
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["encoder_n1", "decoder"], choices=sorted(OP_CASES))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run of the plumbing, not a measurement")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "dtype_bench.json"))
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.calls < 1:
+        parser.error(f"--rounds and --calls must be at least 1, got {args.rounds} and {args.calls}")
     torch.set_num_threads(args.threads)
     record = RunRecord("dtype_bench.py", argv)
     timings = time_side_by_side(args.cases, args.rounds, args.calls, args.quick)
-    print(f"{'case':12} {'dtype':9} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd x f32':>10} {'f+b x f32':>10}")
+    print(f"{'case':12} {'dtype':9} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd x f32 (rounds)':>19} "
+          f"{'f+b x f32 (rounds)':>19}")
     for case, row in timings.items():
         for name in DTYPES:
             r = row[name]
-            sp = r.get("speedup_vs_float32", {"forward": 1.0, "forward_backward": 1.0})
+            cells = []
+            for kind in ("forward", "forward_backward"):
+                ratios = r.get("round_speedups_vs_float32", {}).get(kind)
+                cells.append(f"{r['speedup_vs_float32'][kind]:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                             if ratios else "1.00")
             print(f"{case:12} {name:9} {r['forward']['median_s'] * 1e3:11.2f} "
-                  f"{r['forward_backward']['median_s'] * 1e3:11.2f} {sp['forward']:10.2f} "
-                  f"{sp['forward_backward']:10.2f}")
+                  f"{r['forward_backward']['median_s'] * 1e3:11.2f} {cells[0]:>19} {cells[1]:>19}")
     memory = []
     if not args.no_memory:
         memory = memory_per_dtype("encoder_n1", [("reference", "float32")] + [("msda", d) for d in DTYPES], args.quick)
@@ -156,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "quick": args.quick,
         "msda_cpu_capability": msda._extension.EXTENSION.cpu_capability(),
-        "timing_method": f"one process; {args.rounds} rounds, dtypes alternating within each; per round the median "
+        "timing_method": f"one process; {args.rounds} rounds, in each the dtypes one after the other for the forward, "
+                         f"then for forward+backward, their order reversed every round; per round the median "
                          f"of {args.calls} calls, or more for short calls (at least {MIN_ROUND_S} s of calls, at most "
-                         f"{MAX_CALLS}: calls_per_round); the figure is the median over rounds; forward under no_grad",
+                         f"{MAX_CALLS}: calls_per_round); times are medians over rounds, speedups the median of the "
+                         f"rounds' own float32 / dtype ratios (round_speedups_vs_float32); forward under no_grad",
         "memory_method": "fresh process per (implementation, dtype), first full-size forward+backward (worker.py); "
                          "working = peak - output and gradients returned",
         "timings": timings,

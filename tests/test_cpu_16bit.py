@@ -61,14 +61,24 @@ def test_16bit_backward_allocates_nothing_full_size_in_float32(dtype, Lq):
 
 def test_dtype_bench_quick_run_writes_results(tmp_path):
     out = tmp_path / "dtype_bench.json"
-    proc = _run("dtype_bench.py", "--quick", "--rounds", "1", "--calls", "1", "--cases", "encoder_n1",
+    proc = _run("dtype_bench.py", "--quick", "--rounds", "3", "--calls", "1", "--cases", "encoder_n1",
                 "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["quick"] and report["load_average_at_start"] and report["load_average_at_end"]
     row = report["timings"]["encoder_n1"]
     assert set(row) == {"float32", "bfloat16", "float16"}
-    assert row["bfloat16"]["speedup_vs_float32"]["forward"] > 0
+    # Each speedup is the median of the rounds' own float32 / dtype ratios, not a ratio of medians.
+    for dtype in ("bfloat16", "float16"):
+        for kind in ("forward", "forward_backward"):
+            f32, mine = row["float32"][kind]["round_medians_s"], row[dtype][kind]["round_medians_s"]
+            ratios = sorted(a / b for a, b in zip(f32, mine))
+            assert len(ratios) == 3
+            assert row[dtype]["round_speedups_vs_float32"][kind] == pytest.approx([a / b for a, b in zip(f32, mine)])
+            assert row[dtype]["speedup_vs_float32"][kind] == pytest.approx(ratios[1])
+    assert "rounds' own float32 / dtype ratios" in report["timing_method"]
+    bad = _run("dtype_bench.py", "--rounds", "0")
+    assert bad.returncode == 2 and "--rounds and --calls must be at least 1, got 0 and 5" in bad.stderr
     impls = {(m["impl"], m["dtype"]) for m in report["memory"]}
     assert impls == {("reference", "float32"), ("msda", "float32"), ("msda", "bfloat16"), ("msda", "float16")}
     assert all("malloc_trim" in m["method"] for m in report["memory"])
